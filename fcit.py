@@ -1,0 +1,250 @@
+"""DISCO, the method of Federated Continual Instruction Tuning (Guo et al., ICCV 2025, arXiv:2503.12897), sec. 4:
+the pure, model-agnostic core. Tensors in, tensors out; no model, no optimizer, no files.
+
+Concepts (the names are the paper's and are used the same way in every file):
+  identity token   a client's mean feature of its training instructions (frozen text encoder)
+  global tokens    the server's cache g_1..g_K, one per subspace, with sample counts n_1..n_K
+  subspace         one slice B_k A_k of every LoRA layer:  h = W0 x + s * sum_k a_k B_k A_k x
+  DKO              Dynamic Knowledge Organization (training): a client whose token is close to g_k trains and is
+                   aggregated in subspace k; a client close to none opens a new subspace
+                       s_k = cos(t_c, g_k);   max_k s_k >= tau  ->  k* = argmax_k s_k,
+                       g_k* <- (n_k* g_k* + n_c t_c) / (n_k* + n_c),   n_k* <- n_k* + n_c      (tau = 0.9)
+  SSA              Subspace Selective Activation (inference): each question gates the subspaces by itself
+                       a_k = exp(s_k / eps) / sum_j exp(s_j / eps),   s_k = cos(f(question), g_k)   (eps = 0.05)
+
+Aggregation inside a subspace: the official code averages A and B separately (`ab`), which is not the average of
+the updates; `svd` (our default) re-factors the exact update sum_i p_i B_i A_i to rank r (notes 2.4).
+
+Where we depart from the official code (notes 2.2, "code quirks we do not copy"):
+  - routing is per client, once, on the server, before the client trains; not per batch inside the client;
+  - the running mean is the count-weighted mean above (the official one has an operator-precedence bug that
+    freezes a recurring task's token);
+  - the cache is float32 tokens and int64 counts that grow as needed up to K_max, not 8 fixed bf16 slots (bf16
+    counts stop at 256);
+  - because clients are routed before they train, two new tasks in one round simply open two subspaces and
+    nothing trained is thrown away;
+  - no routing state is set on layers: the gate is an argument of forward (lora.py).
+
+Tests: python -m pytest -q tests/test_fcit.py
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# N examples, C clients, D feature width, K subspaces, R rank, I d_in, O d_out
+
+ACTIVATIONS = ("softmax", "argmax", "cosine", "concat")
+AGGREGATIONS = ("svd", "ab")
+
+
+@dataclass
+class DiscoConfig:
+    threshold: float = 0.9  # tau: cosine at or above which a client joins an existing subspace (DKO)
+    temperature: float = 0.05  # eps of the SSA softmax
+    max_subspaces: int = 8  # K_max; train.py sets it to the number of stages
+    activation: str = "softmax"  # softmax | argmax | cosine | concat  (the paper's ablation, notes 2.3)
+    aggregate: str = "svd"  # svd (exact update, re-factored) | ab (average A and B separately, as the official code)
+
+    def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"fcit.DiscoConfig: activation {self.activation!r} is not one of {ACTIVATIONS}")
+        if self.aggregate not in AGGREGATIONS:
+            raise ValueError(f"fcit.DiscoConfig: aggregate {self.aggregate!r} is not one of {AGGREGATIONS}")
+        if self.temperature <= 0 or self.max_subspaces < 1:
+            raise ValueError("fcit.DiscoConfig: temperature must be > 0 and max_subspaces >= 1")
+
+
+# ---- Identity tokens
+
+def identity_token(features: Tensor) -> Tensor:
+    """A client's identity token: the mean of its instructions' features, (N, D) -> (D,) float32."""
+    if features.ndim != 2 or features.shape[0] == 0:
+        raise ValueError(f"fcit.identity_token: expected features of shape (N>0, D), got {tuple(features.shape)}")
+    # accumulate in float64: encoder features may arrive in bf16, and N may be tens of thousands
+    return features.to(torch.float64).mean(dim=0).float()  # (D,)
+
+
+@dataclass
+class TokenCache:
+    """The server's global identity tokens g_1..g_K and sample counts n_1..n_K; row k is subspace k."""
+    tokens: Tensor  # (K, D) float32: statistics, never bf16 parameters
+    counts: Tensor  # (K,) int64: the weights of the running mean
+
+    @classmethod
+    def empty(cls, dim: int) -> "TokenCache":
+        return cls(torch.zeros(0, dim, dtype=torch.float32), torch.zeros(0, dtype=torch.int64))
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+
+def cosine_similarity(queries: Tensor, tokens: Tensor) -> Tensor:
+    """s_bk = cos(q_b, g_k): (B, D), (K, D) -> (B, K); (B, 0) when no subspace is open yet."""
+    if queries.ndim != 2 or tokens.ndim != 2 or queries.shape[1] != tokens.shape[1]:
+        raise ValueError(f"fcit.cosine_similarity: expected (B, D) and (K, D), got "
+                         f"{tuple(queries.shape)} and {tuple(tokens.shape)}")
+    dtype = torch.promote_types(torch.promote_types(queries.dtype, tokens.dtype), torch.float32)
+    q = F.normalize(queries.to(dtype), dim=-1)  # (B, D)
+    g = F.normalize(tokens.to(queries.device, dtype), dim=-1)  # (K, D)
+    return q @ g.T  # (B, K)
+
+
+# ---- Dynamic Knowledge Organization
+
+def route_clients(tokens: Tensor, counts: Tensor | Sequence[int], cache: TokenCache, *, threshold: float,
+                  max_subspaces: int, client_ids: Sequence | None = None
+                  ) -> tuple[list[int], TokenCache, list[str]]:
+    """DKO for the clients of one round, in order, before they train.
+
+    Returns the subspace of each client, the new cache (the inputs are not mutated) and one log line per client.
+    A client sees the subspaces opened by the clients before it, so two clients of a new task share one new
+    subspace. `client_ids` only names the clients in the log (default 0..C-1).
+    """
+    counts = torch.as_tensor(counts, dtype=torch.int64)  # (C,)
+    if tokens.ndim != 2 or counts.shape != (tokens.shape[0],):
+        raise ValueError(f"fcit.route_clients: expected tokens (C, D) and counts (C,), got "
+                         f"{tuple(tokens.shape)} and {tuple(counts.shape)}")
+    if bool((counts <= 0).any()):
+        raise ValueError("fcit.route_clients: every client needs a positive sample count (it weights the mean)")
+    if max_subspaces < 1:
+        raise ValueError(f"fcit.route_clients: max_subspaces must be >= 1, got {max_subspaces}")
+    names = list(range(tokens.shape[0])) if client_ids is None else list(client_ids)
+    # the running mean is computed in float64 and stored in float32; the clone leaves the caller's cache intact
+    g = cache.tokens.to(torch.float64).clone()  # (K, D)
+    n = cache.counts.to(g.device).clone()  # (K,)
+    assignment, log = [], []
+    for c, (t_c, n_c) in enumerate(zip(tokens.to(g.device, torch.float64), counts.to(g.device))):
+        s = cosine_similarity(t_c[None], g)[0]  # (K,)
+        best = float(s.max()) if len(s) else -math.inf
+        k = int(s.argmax()) if len(s) else -1
+        if len(s) and best >= threshold:
+            log.append(f"client {names[c]}: joined subspace {k} (cos {best:.2f} >= {threshold:.2f})")
+        elif len(g) < max_subspaces:
+            # s_k < tau for every k: open subspace K+1, empty; the running mean below makes g_new = t_c, n_new = n_c
+            k = len(g)
+            g = torch.cat([g, torch.zeros_like(t_c)[None]])  # (K+1, D)
+            n = torch.cat([n, torch.zeros_like(n_c)[None]])  # (K+1,)
+            reason = f"best cos {best:.2f} < {threshold:.2f}" if len(s) else "no subspace yet"
+            log.append(f"client {names[c]}: opened subspace {k} ({reason})")
+        else:
+            # the cache is full: a new task must share the nearest subspace; say so, it is a forgetting risk
+            log.append(f"client {names[c]}: joined subspace {k} although cos {best:.2f} < {threshold:.2f}, "
+                       f"because the cap of {max_subspaces} subspaces is reached")
+        # g_k <- (n_k g_k + n_c t_c) / (n_k + n_c),  n_k <- n_k + n_c
+        g[k] = (n[k] * g[k] + n_c * t_c) / (n[k] + n_c)
+        n[k] += n_c
+        assignment.append(k)
+    return assignment, TokenCache(g.float(), n), log
+
+
+# ---- Aggregation inside a subspace
+
+def _normalized_weights(As: list[Tensor], Bs: list[Tensor], weights: Tensor, fn: str) -> Tensor:
+    if len(As) == 0 or len(As) != len(Bs) or len(As) != len(weights):
+        raise ValueError(f"fcit.{fn}: need as many A, B and weights (at least one), got "
+                         f"{len(As)}, {len(Bs)}, {len(weights)}")
+    for i, (A, B) in enumerate(zip(As, Bs)):
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1] or A.shape[1] != As[0].shape[1] \
+                or B.shape[0] != Bs[0].shape[0]:
+            raise ValueError(f"fcit.{fn}: client {i} has A {tuple(A.shape)}, B {tuple(B.shape)}; "
+                             f"expected A (r, I) and B (O, r) with I, O shared by all clients")
+    w = torch.as_tensor(weights, dtype=torch.float64)  # (n,)
+    if bool((w < 0).any()) or float(w.sum()) <= 0:
+        raise ValueError(f"fcit.{fn}: weights must be non-negative with a positive sum, got {w.tolist()}")
+    return w / w.sum()  # p_i
+
+
+def ab_aggregate(As: list[Tensor], Bs: list[Tensor], weights: Tensor) -> tuple[Tensor, Tensor]:
+    """FedAvg of the factors, as the official code: A = sum p_i A_i (r, I), B = sum p_i B_i (O, r)."""
+    # This is not the average of the updates: (sum p_i B_i)(sum p_i A_i) = sum_ij p_i p_j B_i A_j, which holds
+    # the cross terms B_i A_j of different clients and shrinks each client's own term by p_i:
+    # sum p_i B_i A_i != (sum p_i B_i)(sum p_i A_i). Kept to match the paper's numbers.
+    p = _normalized_weights(As, Bs, weights, "ab_aggregate")
+    if len({A.shape[0] for A in As}) > 1:
+        raise ValueError(f"fcit.ab_aggregate: averaging factors needs one rank, got {[A.shape[0] for A in As]}; "
+                         f"use mode 'svd' for clients of different ranks")
+    A = sum(p_i * A_i.to(torch.float64) for p_i, A_i in zip(p, As))  # (r, I)
+    B = sum(p_i * B_i.to(torch.float64) for p_i, B_i in zip(p, Bs))  # (O, r)
+    return A.to(As[0].dtype), B.to(Bs[0].dtype)
+
+
+def svd_aggregate(As: list[Tensor], Bs: list[Tensor], weights: Tensor, *, rank: int) -> tuple[Tensor, Tensor, float]:
+    """The exact update dW = sum_i p_i B_i A_i, re-factored to its best rank-`rank` approximation (Eckart-Young),
+    without forming the dense (O, I) matrix. Returns A (rank, I), B (O, rank) in the input dtype, and the
+    dropped energy: the share of ||dW||_F^2 that the truncation loses (0.0 when dW = 0)."""
+    if rank < 1:
+        raise ValueError(f"fcit.svd_aggregate: rank must be >= 1, got {rank}")
+    p = _normalized_weights(As, Bs, weights, "svd_aggregate")
+    # float64 inside: the product is then exact to ~1e-12, whatever the adapters are stored in
+    sqrt_p = p.sqrt()
+    # A_s = [sqrt(p_1) A_1; ...; sqrt(p_n) A_n],  B_s = [sqrt(p_1) B_1, ..., sqrt(p_n) B_n],  so B_s A_s = dW
+    A_s = torch.cat([w * A.to(torch.float64) for w, A in zip(sqrt_p, As)], dim=0)  # (S, I), S = sum r_i
+    B_s = torch.cat([w * B.to(torch.float64) for w, B in zip(sqrt_p, Bs)], dim=1)  # (O, S)
+    # B_s = Q_B R_B,  A_s^T = Q_A R_A   ->   dW = Q_B (R_B R_A^T) Q_A^T, and Q_B, Q_A have orthonormal columns,
+    # so the SVD of the small core M gives the SVD of dW
+    Q_B, R_B = torch.linalg.qr(B_s)  # (O, m), (m, S)
+    Q_A, R_A = torch.linalg.qr(A_s.T)  # (I, q), (q, S)
+    U, S, Vh = torch.linalg.svd(R_B @ R_A.T, full_matrices=False)  # (m, j), (j,), (j, q)
+    r = min(rank, S.shape[0])
+    # B = Q_B U_r S_r^{1/2},  A = S_r^{1/2} V_r^T Q_A^T: the singular values are split evenly between the factors
+    # so that neither one dominates the next round's gradients
+    root = S[:r].sqrt()  # (r,)
+    B = (Q_B @ U[:, :r]) * root  # (O, r)
+    A = root[:, None] * (Vh[:r] @ Q_A.T)  # (r, I)
+    # the stacked rank may be below `rank`: pad with zero directions so every round returns the same shapes
+    B = F.pad(B, (0, rank - r))  # (O, rank)
+    A = F.pad(A, (0, 0, 0, rank - r))  # (rank, I)
+    energy = S.square()  # (j,)
+    total = float(energy.sum())
+    dropped = float(energy[r:].sum()) / total if total > 0 else 0.0
+    return A.to(As[0].dtype), B.to(Bs[0].dtype), dropped
+
+
+def aggregate_subspace(As: list[Tensor], Bs: list[Tensor], weights: Tensor, *, rank: int,
+                       mode: str) -> tuple[Tensor, Tensor, float]:
+    """Aggregate the updates routed to one subspace: (A (rank, I), B (O, rank), dropped energy)."""
+    if mode == "svd":
+        return svd_aggregate(As, Bs, weights, rank=rank)
+    if mode == "ab":
+        A, B = ab_aggregate(As, Bs, weights)
+        return A, B, 0.0
+    raise ValueError(f"fcit.aggregate_subspace: unknown mode {mode!r}; use one of {AGGREGATIONS}")
+
+
+# ---- Subspace Selective Activation
+
+def activation_weights(queries: Tensor, tokens: Tensor, *, temperature: float, mode: str = "softmax") -> Tensor:
+    """The SSA gate of each question over the K open subspaces: (B, D), (K, D) -> (B, K) float32."""
+    if mode not in ACTIVATIONS:
+        raise ValueError(f"fcit.activation_weights: unknown mode {mode!r}; use one of {ACTIVATIONS}")
+    if temperature <= 0:
+        raise ValueError(f"fcit.activation_weights: temperature must be > 0, got {temperature}")
+    s = cosine_similarity(queries, tokens).float()  # (B, K)
+    if s.shape[1] == 0:
+        return s  # (B, 0): no subspace is open, the model is the base model
+    if mode == "softmax":
+        # a_k = exp(s_k / eps) / sum_j exp(s_j / eps)                          (paper, eps = 0.05)
+        return torch.softmax(s / temperature, dim=-1)  # (B, K)
+    if mode == "argmax":
+        # a_k = 1 if k = argmax_j s_j else 0
+        return F.one_hot(s.argmax(dim=-1), s.shape[1]).float()  # (B, K)
+    if mode == "cosine":
+        # a_k = max(s_k, 0) / sum_j max(s_j, 0); uniform when no subspace is similar at all
+        pos = s.clamp_min(0)  # (B, K)
+        total = pos.sum(dim=-1, keepdim=True)  # (B, 1)
+        return torch.where(total > 0, pos / total.clamp_min(1e-12), torch.full_like(pos, 1 / s.shape[1]))
+    # concat: a_k = 1, the subspaces simply added up
+    return torch.ones_like(s)  # (B, K)
+
+
+def pad_gate(gate: Tensor, num_slots: int) -> Tensor:
+    """(B, K) -> (B, num_slots): the subspaces not opened yet get weight 0, so the layers keep K_max slots."""
+    if gate.shape[-1] > num_slots:
+        raise ValueError(f"fcit.pad_gate: the gate has {gate.shape[-1]} subspaces, more than {num_slots} slots")
+    return F.pad(gate, (0, num_slots - gate.shape[-1]))  # (B, num_slots)

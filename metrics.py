@@ -1,0 +1,290 @@
+"""Metrics for FCIT (arXiv:2503.12897): the one place that turns predictions into scores and results into the
+accuracy matrix, Last / Avg / forgetting, with the formulas written down.
+
+Three sections:
+  1. answer rules, per sample: exact match, substring (FigureQA, DVQA), Acc@IoU>0.5 (Grounding), and CIDEr-D
+     (Flickr30k; Vedantam et al. 2015, "CIDEr: Consensus-based Image Description Evaluation", as implemented
+     in coco-caption / pycocoevalcap `cider_scorer.py`); `task_score` maps a task's predictions to 0-100.
+  2. continual metrics over a[t][j] = score on task j after stage t (paper Sec. 5.1; notes 1.4): Last, Avg,
+     forgetting, backward transfer.
+  3. heatmaps drawn with pillow: the stages x tasks accuracy matrix, the tasks x subspaces activation.
+
+    task_score("exact", ["Cat "], ["cat"])                      # 100.0
+    summarize([{"a": 80.0}, {"a": 60.0, "b": 90.0}])            # last 75.0, avg 77.5, forgetting {"a": 20.0}
+
+Tests: python -m pytest tests/test_metrics.py
+"""
+import math
+import re
+from collections import Counter
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+# ---- 1. Answer rules --------------------------------------------------------------------------------------
+# Source for exact / substring / IoU: the official FCIT eval scripts (notes 1.1). All compare after strip().
+# [ours] an empty prediction never counts as correct, whatever the rule.
+
+
+def normalize(text: str) -> str:
+    # the official rules compare after strip(); nothing else (no article or punctuation removal)
+    return text.strip()
+
+
+def exact_match(pred: str, answer: str) -> float:
+    # official rule: pred.strip().upper() == answer.strip().upper()
+    p = normalize(pred)
+    return float(bool(p) and p.upper() == normalize(answer).upper())
+
+
+def substring_match(pred: str, answer: str) -> float:
+    # official FigureQA / DVQA rule: the prediction is contained in the answer, case-insensitive, after strip().
+    # Officially "" is contained in every answer and so scores 1: a bug we do not copy (empty -> 0).
+    p = normalize(pred).upper()
+    return float(bool(p) and p in normalize(answer).upper())
+
+
+_NUMBER = re.compile(r"-?\d*\.?\d+")
+
+
+def parse_box(text: str) -> list[float] | None:
+    # Grounding answers are "[x1, y1, x2, y2]" normalised to [0, 1]; a model may drop the brackets or add words,
+    # so take the first 4 numbers in the text, and None when there are fewer.
+    nums = _NUMBER.findall(text)
+    return [float(x) for x in nums[:4]] if len(nums) >= 4 else None
+
+
+def box_iou(a, b) -> float:
+    # IoU = |a ^ b| / |a v b| for boxes [x1, y1, x2, y2]; a degenerate box (x2 <= x1 or y2 <= y1) has no area -> 0
+    if a[2] <= a[0] or a[3] <= a[1] or b[2] <= b[0] or b[3] <= b[1]:
+        return 0.0
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def iou_match(pred: str, answer: str, threshold: float = 0.5) -> float:
+    # Acc@IoU>0.5 (Grounding, RefCOCO convention): strictly greater, so IoU exactly 0.5 is a miss
+    p, a = parse_box(pred), parse_box(answer)
+    if p is None or a is None:
+        return 0.0
+    return float(box_iou(p, a) > threshold)
+
+
+def _tokenize(text: str) -> list[str]:
+    # coco-caption lower-cases and runs the PTB tokenizer, then drops punctuation tokens; we drop the same
+    # sentence punctuation and split on whitespace (captions here are plain sentences)
+    return re.sub(r"[.,!?;:\"]", " ", text.lower()).split()
+
+
+def _ngram_counts(tokens: list[str], n: int) -> Counter:
+    return Counter(tuple(tokens[i:i + k]) for k in range(1, n + 1) for i in range(len(tokens) - k + 1))
+
+
+def cider_d(candidates: list[str], references: list[list[str]], *, n: int = 4, sigma: float = 6.0) -> list[float]:
+    """CIDEr-D of each candidate against its image's references, with document frequency over the corpus.
+
+    g_k(s) = tf_k(s) * log(N / max(1, df_k))   tf-idf of n-gram k; N images, df_k = #images whose refs hold k
+    sim_n(c, r) = sum_k min(g_k(c), g_k(r)) g_k(r) / (|g^n(c)| |g^n(r)|) * exp(-(l_c - l_r)^2 / (2 sigma^2))
+    CIDEr-D(c, R) = 10 / (n |R|) * sum_{n'=1..n} sum_{r in R} sim_n'(c, r)
+    """
+    if len(candidates) != len(references):
+        raise ValueError(f"cider_d: {len(candidates)} candidates but {len(references)} reference sets")
+    if any(len(refs) == 0 for refs in references):
+        raise ValueError("cider_d: every candidate needs at least one reference caption")
+    cand = [(_ngram_counts(t, n), len(t)) for t in map(_tokenize, candidates)]
+    refs = [[(_ngram_counts(t, n), len(t)) for t in map(_tokenize, rs)] for rs in references]
+    # df counts each image's reference set once per n-gram, not each reference
+    df = Counter(g for rs in refs for g in set().union(*(c.keys() for c, _ in rs)))
+    # coco: log(float(len(crefs))) - log(max(1., df)); max(1, N) only guards log(0)
+    log_n = math.log(max(1, len(refs)))
+
+    def tfidf(counts: Counter) -> tuple[dict, list[float]]:
+        vec = {g: c * (log_n - math.log(max(1.0, df[g]))) for g, c in counts.items()}
+        norms = [0.0] * n
+        for g, w in vec.items():
+            norms[len(g) - 1] += w * w
+        return vec, [math.sqrt(x) for x in norms]
+
+    scores = []
+    for (c_counts, c_len), rs in zip(cand, refs):
+        vc, nc = tfidf(c_counts)
+        total = 0.0
+        for r_counts, r_len in rs:
+            vr, nr = tfidf(r_counts)
+            val = [0.0] * n
+            # the "-D" clipping: a candidate gains nothing from repeating an n-gram more often than the reference
+            for g, w in vc.items():
+                val[len(g) - 1] += min(w, vr.get(g, 0.0)) * vr.get(g, 0.0)
+            # coco measures length in bigrams (len - 1), which gives the same difference for non-empty captions
+            penalty = math.exp(-((c_len - r_len) ** 2) / (2 * sigma**2))
+            total += sum(v / (nc[k] * nr[k]) * penalty for k, v in enumerate(val) if nc[k] > 0 and nr[k] > 0)
+        scores.append(10.0 * total / (n * len(rs)))
+    return scores
+
+
+METRICS = {"exact": exact_match, "substring": substring_match, "iou": iou_match}  # per-sample rules
+
+
+def task_score(metric: str, predictions: list[str], answers: list) -> float:
+    """One task's score in percent, [0, 100]. answers[i] is a string or a list (for per-sample rules the first
+    element is the answer; for "caption" the list is the reference set)."""
+    if metric not in METRICS and metric != "caption":
+        raise ValueError(f"unknown metric {metric!r}; known: {sorted([*METRICS, 'caption'])}")
+    if not predictions or len(predictions) != len(answers):
+        raise ValueError(f"task_score: need equally many predictions and answers, got "
+                         f"{len(predictions)} and {len(answers)}")
+    if metric == "caption":
+        refs = [[a] if isinstance(a, str) else list(a) for a in answers]
+        # CIDEr-D is unbounded (x10, typically 0.5-1.5 -> 50-150 as percent); clipped at 100 so one task
+        # stays on the same 0-100 scale as the accuracies it is averaged with in Last and Avg
+        return min(100.0, float(np.mean(cider_d(predictions, refs))) * 100.0)
+    rule = METRICS[metric]
+    hits = [rule(p, a if isinstance(a, str) else a[0]) for p, a in zip(predictions, answers)]
+    return float(np.mean(hits)) * 100.0
+
+
+# ---- 2. Continual metrics ---------------------------------------------------------------------------------
+# acc[t] = {task j: a[t][j]} for stages t = 0..F (F = T - 1, the final stage), S_t = acc[t].keys() = the tasks
+# seen by stage t; shapes: T stages, J tasks. In Het settings a task may first appear at any stage and then
+# recurs; S_t only grows.
+
+
+def _check(acc: list[dict[str, float]]) -> None:
+    if not acc:
+        raise ValueError("acc is empty: pass one dict {task: score} per stage")
+    seen: set[str] = set()
+    for t, scores in enumerate(acc):
+        if not scores:
+            raise ValueError(f"acc[{t}] is empty: every stage evaluates at least its own task")
+        missing = seen - scores.keys()
+        if missing:
+            raise ValueError(f"acc[{t}] has no score for {sorted(missing)}, seen at an earlier stage; "
+                             f"evaluate every task seen so far after each stage")
+        seen |= scores.keys()
+
+
+def _first_stage(acc: list[dict[str, float]]) -> dict[str, int]:
+    first: dict[str, int] = {}
+    for t, scores in enumerate(acc):
+        for j in scores:
+            first.setdefault(j, t)
+    return first
+
+
+def last(acc: list[dict[str, float]]) -> float:
+    # Last = mean_{j in S_F} a[F][j]
+    _check(acc)
+    return float(np.mean(list(acc[-1].values())))
+
+
+def average(acc: list[dict[str, float]]) -> float:
+    # Avg = (1/T) sum_{t=0..F} mean_{j in S_t} a[t][j]
+    _check(acc)
+    return float(np.mean([np.mean(list(scores.values())) for scores in acc]))
+
+
+def forgetting(acc: list[dict[str, float]]) -> dict[str, float]:
+    # f_j = max_{t < F, j in S_t} a[t][j] - a[F][j], for j seen before the final stage (may be < 0: it improved)
+    _check(acc)
+    return {j: max(scores[j] for scores in acc[:-1] if j in scores) - acc[-1][j]
+            for j in acc[-1] if any(j in scores for scores in acc[:-1])}
+
+
+def backward_transfer(acc: list[dict[str, float]]) -> float:
+    # BWT = mean_{j : first(j) < F} (a[F][j] - a[first(j)][j]), first(j) = the stage j was first evaluated at
+    _check(acc)
+    first = _first_stage(acc)
+    final = len(acc) - 1
+    deltas = [acc[-1][j] - acc[t][j] for j, t in first.items() if t < final]
+    return float(np.mean(deltas)) if deltas else 0.0
+
+
+def summarize(acc: list[dict[str, float]]) -> dict:
+    f = forgetting(acc)
+    return {"last": round(last(acc), 2), "avg": round(average(acc), 2),
+            "forgetting": {j: round(v, 2) for j, v in f.items()},
+            "mean_forgetting": round(float(np.mean(list(f.values()))), 2) if f else 0.0,
+            "bwt": round(backward_transfer(acc), 2)}
+
+
+def accuracy_matrix(acc: list[dict[str, float]], tasks: list[str]) -> np.ndarray:
+    # (T, len(tasks)): row t = a[t][.], nan where the task is not yet seen (or not in acc at all)
+    _check(acc)
+    return np.array([[scores.get(j, np.nan) for j in tasks] for scores in acc], dtype=float)  # (T, J)
+
+
+# ---- 3. Heatmaps with pillow ------------------------------------------------------------------------------
+CELL_W, CELL_H, PAD = 80, 28, 8  # pixels; 80 px fits "super-CLEVR" at 13 px, longer labels wrap or are cut
+NAN_COLOR = (224, 224, 224)  # light gray: not evaluated
+LOW, HIGH = np.array([255, 255, 255]), np.array([8, 69, 148])  # white -> blue
+
+
+def _font(size: int = 13):
+    try:
+        return ImageFont.load_default(size=size)  # scalable font, pillow >= 10.1 with FreeType
+    except (TypeError, ImportError, OSError):
+        return ImageFont.load_default()  # older pillow: the fixed bitmap font
+
+
+def _fit(text: str, font, width: int) -> str:
+    # cut a label to `width` pixels, marking the cut with a trailing "."
+    if font.getlength(text) <= width:
+        return text
+    while len(text) > 1 and font.getlength(text + ".") > width:
+        text = text[:-1]
+    return text + "."
+
+
+def _lines(text: str, font, width: int) -> list[str]:
+    # one line if it fits; else two, split after the last "-" / space that lets the first part fit; else cut
+    if font.getlength(text) <= width:
+        return [text]
+    for i in range(len(text) - 1, 0, -1):
+        if text[i] in "- " and font.getlength(text[:i + 1].rstrip()) <= width:
+            return [text[:i + 1].rstrip(), _fit(text[i + 1:].lstrip(), font, width)]
+    return [_fit(text, font, width)]
+
+
+def draw_matrix(path, values: np.ndarray, row_labels: list[str], col_labels: list[str], *, title: str,
+                vmax: float = 100.0, fmt: str = "{:.1f}") -> None:
+    """Write a heatmap PNG: one cell per value (white -> blue by value / vmax), the value printed in the cell,
+    light gray for nan; row labels left, column labels on top (two lines or cut to fit), the title above."""
+    values = np.asarray(values, dtype=float)  # (R, C)
+    if values.shape != (len(row_labels), len(col_labels)):
+        raise ValueError(f"draw_matrix: values {values.shape} but {len(row_labels)} row and "
+                         f"{len(col_labels)} column labels")
+    font, title_font = _font(13), _font(16)
+    line_h = font.getbbox("Ag")[3] + 3
+    rows = [_fit(s, font, 200) for s in row_labels]
+    cols = [_lines(s, font, CELL_W - 2) for s in col_labels]
+    left = PAD + max([int(font.getlength(s)) for s in rows] + [0]) + PAD
+    title_h = title_font.getbbox(title or "A")[3] + 2 * PAD
+    top = title_h + max([len(c) for c in cols] + [1]) * line_h + PAD
+    width = max(left + CELL_W * len(cols) + PAD, int(title_font.getlength(title)) + 2 * PAD)
+    height = top + CELL_H * len(rows) + PAD
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((PAD, PAD), title, fill="black", font=title_font)
+    for c, lines in enumerate(cols):
+        for i, line in enumerate(lines):
+            x = left + c * CELL_W + (CELL_W - 2 - font.getlength(line)) / 2
+            draw.text((x, top - PAD - (len(lines) - i) * line_h), line, fill="black", font=font)
+    for r, label in enumerate(rows):
+        y = top + r * CELL_H + (CELL_H - line_h) / 2
+        draw.text((left - PAD - font.getlength(label), y), label, fill="black", font=font)
+        for c in range(len(cols)):
+            v = values[r, c]
+            x0, y0 = left + c * CELL_W, top + r * CELL_H
+            box = (x0, y0, x0 + CELL_W - 2, y0 + CELL_H - 2)  # a 2 px white grid between cells
+            if np.isnan(v):
+                draw.rectangle(box, fill=NAN_COLOR)
+                continue
+            frac = min(max(v / vmax, 0.0), 1.0) if vmax > 0 else 0.0
+            draw.rectangle(box, fill=tuple(int(x) for x in np.round(LOW + frac * (HIGH - LOW))))
+            text = fmt.format(v)
+            draw.text((box[0] + (CELL_W - 2 - font.getlength(text)) / 2, y), text,
+                      fill="white" if frac > 0.55 else "black", font=font)
+    img.save(path)
