@@ -41,6 +41,7 @@ from torch import Tensor
 
 ACTIVATIONS = ("softmax", "argmax", "cosine", "concat")
 AGGREGATIONS = ("svd", "ab")
+IDENTITIES = ("text", "image", "both")
 
 
 @dataclass
@@ -50,10 +51,13 @@ class DiscoConfig:
     max_subspaces: int = 8  # K_max; train.py sets it to the number of stages
     activation: str = "softmax"  # softmax | argmax | cosine | concat  (the paper's ablation, notes 2.3)
     aggregate: str = "svd"  # svd (exact update, re-factored) | ab (average A and B separately, as the official code)
+    identity: str = "text"  # what identity tokens encode: text (paper) | image | both (the paper's ablation)
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"fcit.DiscoConfig: activation {self.activation!r} is not one of {ACTIVATIONS}")
+        if self.identity not in IDENTITIES:
+            raise ValueError(f"fcit.DiscoConfig: identity {self.identity!r} is not one of {IDENTITIES}")
         if self.aggregate not in AGGREGATIONS:
             raise ValueError(f"fcit.DiscoConfig: aggregate {self.aggregate!r} is not one of {AGGREGATIONS}")
         if self.temperature <= 0 or self.max_subspaces < 1:

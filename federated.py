@@ -21,9 +21,10 @@ import torch
 
 import fcit
 import metrics
+import server
 from data import METRIC, read_image
 from lora import gated, lora_modules
-from model import answer_loss, collate, cosine_lr, generate, instruction_features, to_device
+from model import answer_loss, collate, cosine_lr, generate, image_features, instruction_features, to_device
 
 # B batch, K subspaces, R rank, D feature width
 
@@ -35,7 +36,8 @@ class FedConfig:
     rounds: int = 10                # per stage (paper)
     local_epochs: int = 1           # paper
     batch_size: int = 8             # local batch
-    lr: float = 2e-3                # peak lr of LoRA and projector (paper: 2e-4 for 7B; a tiny model needs more)
+    lr: float = 2e-3                # peak lr of LoRA (paper: 2e-4 for 7B; a tiny model needs more)
+    projector_lr: float = 2e-4      # peak lr of the projector: lr / 10, as the official scripts (2e-5 vs 2e-4)
     warmup: float = 0.03            # fraction of local steps (paper)
     min_size: int = 4               # fewest examples a client gets in the Dirichlet partition
     train_projector: bool = True    # the projector is trained and plainly averaged (paper)
@@ -76,11 +78,21 @@ def make_batch(processor, examples, system, device, dtype):
     return to_device(b, device, dtype)
 
 
+def param_groups(model, cfg: FedConfig):
+    """AdamW groups: the projector at projector_lr, everything else that trains (LoRA, a router) at lr. The
+    projector is shared by every task (no subspaces), so a slow one keeps old tasks' inputs where they were."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    projector = [p for n, p in trainable if "multi_modal_projector" in n]
+    rest = [p for n, p in trainable if "multi_modal_projector" not in n]
+    return [g for g in ({"params": rest, "peak_lr": cfg.lr}, {"params": projector, "peak_lr": cfg.projector_lr})
+            if g["params"]]
+
+
 def local_train(model, processor, examples, *, gate, cfg: FedConfig, rng, extra_loss=None):
     """One client's local epochs from the model's current (global) weights; returns (state, mean loss).
     A fresh AdamW each time (paper); weight decay 0 so a subspace the gate switches off stays exactly as it was."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(param_groups(model, cfg), weight_decay=0.0)
     steps = cfg.local_epochs * math.ceil(len(examples) / cfg.batch_size)
     warm, step, losses = max(1, int(cfg.warmup * steps)), 0, []
     model.train()
@@ -89,7 +101,7 @@ def local_train(model, processor, examples, *, gate, cfg: FedConfig, rng, extra_
             for chunk in batches(examples, cfg.batch_size, rng):
                 batch = make_batch(processor, chunk, cfg.system, model.device, model.dtype)
                 for g in opt.param_groups:
-                    g["lr"] = cfg.lr * cosine_lr(step, steps, warm)
+                    g["lr"] = g["peak_lr"] * cosine_lr(step, steps, warm)
                 loss = answer_loss(model, batch)
                 if extra_loss is not None:
                     loss = loss + extra_loss(model, batch)
@@ -142,8 +154,10 @@ class Strategy:
     """Finetune: one LoRA (K = 1) trained by everyone and aggregated with FedAvg; no gate at inference."""
     name = "finetune"
 
-    def __init__(self, model, processor, cfg: FedConfig, *, aggregate_mode="svd", log=print):
+    def __init__(self, model, processor, cfg: FedConfig, *, aggregate_mode="svd", server_cfg=None, log=print):
         self.model, self.processor, self.cfg, self.mode, self.log = model, processor, cfg, aggregate_mode, log
+        self.server_cfg = server_cfg or server.ServerConfig()
+        self.server_state = {}                                        # the server optimizer's moments (server.py)
 
     def num_slots(self):
         return next(iter(lora_modules(self.model).values())).num_subspaces
@@ -156,22 +170,34 @@ class Strategy:
         return torch.nn.functional.one_hot(torch.tensor(subspace), self.num_slots()).float()     # (K,)
 
     def extra_loss(self, stage):
+        """A term added to every local loss: FedProx's proximal term. The loop asks right after loading the global
+        state into the model, so the model's trainable state is w_global."""
+        if self.server_cfg.name == "fedprox":
+            return server.proximal_loss(trainable_state(self.model), mu=self.server_cfg.mu)
         return None
 
     def aggregate(self, global_state, states, weights, subspaces):
-        return aggregate(global_state, states, weights, subspaces, mode=self.mode, log=self.log)
+        new = aggregate(global_state, states, weights, subspaces, mode=self.mode, log=self.log)
+        return self.server_step(global_state, new, set(subspaces))
+
+    def server_step(self, global_state, new, slots):
+        """The server optimizer (server.py) on the pseudo-gradient new - global, only in the subspaces `slots` that
+        clients trained this round: the others keep their weights and moments exactly."""
+        new, self.server_state = server.step(global_state, new, self.server_state,
+                                             server.slot_mask(global_state, slots), self.server_cfg)
+        return new
 
     def end_stage(self, stage, data):
         pass
 
-    def eval_gate(self, questions):
+    def eval_gate(self, examples):
         return None                                                   # all subspaces on
 
     def state(self):
-        return {}
+        return {f"server.{k}": v for k, v in self.server_state.items()}
 
     def load(self, state):
-        pass
+        self.server_state = {k[len("server."):]: v for k, v in state.items() if k.startswith("server.")}
 
 
 class Disco(Strategy):
@@ -179,18 +205,25 @@ class Disco(Strategy):
     aggregation stays inside a subspace; SSA gates the subspaces per test question (fcit.activation_weights)."""
     name = "disco"
 
-    def __init__(self, model, processor, cfg, *, disco: fcit.DiscoConfig, log=print):
-        super().__init__(model, processor, cfg, aggregate_mode=disco.aggregate, log=log)
+    def __init__(self, model, processor, cfg, *, disco: fcit.DiscoConfig, server_cfg=None, log=print):
+        super().__init__(model, processor, cfg, aggregate_mode=disco.aggregate, server_cfg=server_cfg, log=log)
         self.disco = disco
         self.cache = None
 
-    def features(self, questions):
-        """The frozen encoder: the base language model with every LoRA subspace switched off (gate 0)."""
-        with gated(self.model, torch.zeros(self.num_slots())):
-            return instruction_features(self.model, self.processor, questions)                  # (N, D)
+    def features(self, examples):
+        """Frozen features of examples: the instruction through the base language model with every LoRA subspace
+        switched off (gate 0), as the paper's text identity; the image through the frozen vision tower for the
+        ablation (--identity image | both; each part L2-normalized before they are concatenated)."""
+        parts = []
+        if self.disco.identity in ("text", "both"):
+            with gated(self.model, torch.zeros(self.num_slots())):
+                parts.append(instruction_features(self.model, self.processor, [e.question for e in examples]))
+        if self.disco.identity in ("image", "both"):
+            parts.append(image_features(self.model, self.processor, [read_image(e.image) for e in examples]))
+        return torch.cat([torch.nn.functional.normalize(p, dim=-1) for p in parts], -1)          # (N, D)
 
     def assign(self, stage, jobs):
-        tokens = torch.stack([fcit.identity_token(self.features([e.question for e in ex])) for _, _, ex in jobs])
+        tokens = torch.stack([fcit.identity_token(self.features(ex)) for _, _, ex in jobs])   # (C, D)
         counts = [len(ex) for _, _, ex in jobs]
         if self.cache is None:
             self.cache = fcit.TokenCache.empty(tokens.shape[1])
@@ -201,17 +234,19 @@ class Disco(Strategy):
             self.log(f"  DKO {line} [{task}]")
         return subspaces
 
-    def eval_gate(self, questions):
+    def eval_gate(self, examples):
         if self.cache is None or len(self.cache) == 0:
-            return torch.zeros(len(questions), self.num_slots())
-        a = fcit.activation_weights(self.features(questions), self.cache.tokens, temperature=self.disco.temperature,
+            return torch.zeros(len(examples), self.num_slots())
+        a = fcit.activation_weights(self.features(examples), self.cache.tokens, temperature=self.disco.temperature,
                                     mode=self.disco.activation)                                 # (B, K_open)
         return fcit.pad_gate(a, self.num_slots())                                               # (B, K)
 
     def state(self):
-        return {} if self.cache is None else {"disco.tokens": self.cache.tokens, "disco.counts": self.cache.counts}
+        cache = {} if self.cache is None else {"disco.tokens": self.cache.tokens, "disco.counts": self.cache.counts}
+        return {**super().state(), **cache}
 
     def load(self, state):
+        super().load(state)
         if "disco.tokens" in state:
             self.cache = fcit.TokenCache(state["disco.tokens"].float(), state["disco.counts"].long())
 
@@ -223,10 +258,9 @@ def evaluate_dataset(model, processor, dataset, examples, strategy, cfg: FedConf
     preds, gates = [], []
     for i in range(0, len(examples), cfg.eval_batch):
         chunk = examples[i:i + cfg.eval_batch]
-        questions = [e.question for e in chunk]
-        gate = strategy.eval_gate(questions)                                                    # (B, K) or None
+        gate = strategy.eval_gate(chunk)                                                        # (B, K) or None
         with gated(model, gate):
-            preds += generate(model, processor, [read_image(e.image) for e in chunk], questions,
+            preds += generate(model, processor, [read_image(e.image) for e in chunk], [e.question for e in chunk],
                               system=cfg.system, max_new_tokens=cfg.max_new_tokens)
         if gate is not None:
             gates.append(gate)
@@ -279,7 +313,7 @@ def run_continual(model, processor, setting, data, parts, strategy, cfg: FedConf
     """Train stage after stage, round after round; evaluate on every seen task after each stage.
     Sampling and local shuffles are seeded by (seed, stage, round, slot): a resumed run redoes exactly the same."""
     p = progress or Progress(0, 0, trainable_state(model), {"acc": [], "acc_datasets": [], "gates": [],
-                                                             "subspaces": [], "loss": []})
+                                                             "subspaces": [], "routes": {}, "loss": []})
     load_state(model, p.global_state)
     total = setting.num_stages * cfg.rounds
     t0, done0 = time.time(), p.stage * cfg.rounds + p.round
@@ -288,6 +322,10 @@ def run_continual(model, processor, setting, data, parts, strategy, cfg: FedConf
             rng = np.random.default_rng([seed, t, r])
             jobs = round_jobs(setting, data, parts, t, sample_clients(cfg.num_clients, cfg.clients_per_round, rng))
             subspaces = strategy.assign(t, jobs)
+            for (_, task, _), k in zip(jobs, subspaces):                  # which subspaces each task trained
+                p.history["routes"].setdefault(task, [])
+                if k not in p.history["routes"][task]:
+                    p.history["routes"][task].append(k)
             states, weights, losses = [], [], []
             for slot, ((client, task, examples), k) in enumerate(zip(jobs, subspaces)):
                 load_state(model, p.global_state)

@@ -6,7 +6,9 @@
 Writes OUT/results.json (accuracy matrix, Last, Avg, forgetting, the resolved config), OUT/accuracy.png,
 OUT/partition.json, OUT/config.json and, for DISCO, OUT/activation.png. A checkpoint after every round lets an
 interrupted run continue where it stopped (run the same command again; --fresh ignores it).
-Methods: zeroshot (the base model), mtl (centralized multi-task upper bound), finetune, disco.
+Methods: zeroshot (the base model), mtl (centralized multi-task upper bound), finetune, disco, and the baselines
+ewc, lwf, olora, moelora (baselines.py). Servers (--server, server.py): fedavg, fedprox, fedavgm, fedadagrad, fedadam,
+fedyogi; the last four need --aggregate ab.
 Tests: python -m pytest tests/test_train.py
 """
 import argparse
@@ -23,12 +25,14 @@ from safetensors.torch import load_file, save_file
 import fcit
 import metrics
 import synthetic
+from baselines import METHODS as BASELINES, BaselineConfig, add_moelora
 from data import get_setting, load_setting, partition_setting, save_partition
 from federated import Disco, FedConfig, Progress, Strategy, evaluate_tasks, local_train, run_continual
 from lora import LoRAConfig, add_lora
 from model import ModelConfig, load_llava, pretrain_base
+from server import SERVERS, STATEFUL, ServerConfig
 
-METHODS = ["disco", "finetune", "mtl", "zeroshot"]
+METHODS = ["disco", "finetune", "mtl", "zeroshot", *BASELINES]
 
 
 @dataclasses.dataclass
@@ -44,12 +48,14 @@ class RunConfig:
     subspace_rank: int = 8          # DISCO: rank of one subspace; K = rank / subspace_rank slots
     alpha: float = 128.0            # s = alpha / rank = 2 (paper)
     lora_dropout: float = 0.05
-    train_examples: int = 2000      # per dataset (embedded benchmark)
+    train_examples: int = 4000      # per dataset (embedded benchmark): ~80 per client, 10 local steps
     test_examples: int = 200
     pretrain_examples: int = ModelConfig.pretrain_examples
     mtl_epochs: int = 1
     fed: FedConfig = dataclasses.field(default_factory=FedConfig)
     disco: fcit.DiscoConfig = dataclasses.field(default_factory=fcit.DiscoConfig)
+    server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
+    baselines: BaselineConfig = dataclasses.field(default_factory=BaselineConfig)
 
 
 PRESETS = {
@@ -83,6 +89,11 @@ def parse_args(argv=None):
     ap.add_argument("--aggregate", choices=["svd", "ab"], help="LoRA aggregation inside a subspace")
     ap.add_argument("--activation", choices=list(fcit.ACTIVATIONS), help="DISCO gate at inference (ablation)")
     ap.add_argument("--threshold", type=float, help="DISCO DKO cosine threshold tau")
+    ap.add_argument("--identity", choices=list(fcit.IDENTITIES), help="DISCO identity tokens from text (paper), image or both")
+    ap.add_argument("--server", choices=list(SERVERS), help="server optimizer (default fedavg); "
+                    + ", ".join(STATEFUL) + " need --aggregate ab")
+    ap.add_argument("--server-lr", type=float, help="server learning rate eta (default 1 for fedavgm, 1e-2 adaptive)")
+    ap.add_argument("--mu", type=float, help="FedProx proximal weight (default 0.01)")
     ap.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
     return ap.parse_args(argv)
 
@@ -107,9 +118,19 @@ def resolve(args) -> RunConfig:
     fed.system = ModelConfig.system
     cfg.fed = fed
     cfg.disco = fcit.DiscoConfig(threshold=args.threshold or 0.9, activation=args.activation or "softmax",
-                                 aggregate=args.aggregate or "svd", max_subspaces=cfg.rank // cfg.subspace_rank)
+                                 aggregate=args.aggregate or "svd", identity=args.identity or "text",
+                                 max_subspaces=cfg.rank // cfg.subspace_rank)
+    if fed.clients_per_round > fed.num_clients:
+        raise ValueError(f"--clients-per-round {fed.clients_per_round} exceeds --clients {fed.num_clients}")
     if cfg.rank % cfg.subspace_rank:
         raise ValueError(f"rank {cfg.rank} is not a multiple of subspace_rank {cfg.subspace_rank}")
+    if cfg.method == "olora" and cfg.rank % setting.num_stages:
+        raise ValueError(f"olora: rank {cfg.rank} is not a multiple of the {setting.num_stages} stages")
+    cfg.server = ServerConfig(name=args.server or "fedavg", lr=args.server_lr, mu=0.01 if args.mu is None else args.mu)
+    if cfg.server.name in STATEFUL and cfg.disco.aggregate != "ab":
+        raise ValueError(f"--server {cfg.server.name} keeps moments of the LoRA factors' change across rounds, which "
+                         f"needs --aggregate ab: with --aggregate svd (the default) the factors are re-factored every "
+                         f"round, so their changes are not comparable; pass --aggregate ab")
     return cfg
 
 
@@ -120,7 +141,7 @@ def prepare(cfg: RunConfig, log):
     if not os.path.exists(os.path.join(root, "COMPLETE")):
         log(f"generating the embedded benchmark into {root} ...")
         synthetic.write_release(root, seed=0, sizes=synthetic.Sizes(cfg.train_examples, cfg.test_examples))
-    base = os.path.join(cache_dir(), f"base-v{synthetic.VERSION}-seed0-{cfg.pretrain_examples}")
+    base = os.path.join(cache_dir(), f"base-v{synthetic.BASE_VERSION}-seed0-{cfg.pretrain_examples}")
     if not os.path.isdir(base):
         log(f"pretraining the tiny base model into {base} (once) ...")
         pretrain_base(base, ModelConfig(pretrain_examples=cfg.pretrain_examples), log=log)
@@ -132,15 +153,28 @@ def build_model(base, cfg: RunConfig):
     model, processor = load_llava(base, device=cfg.device)
     for p in model.parameters():
         p.requires_grad_(False)
-    K = cfg.disco.max_subspaces if cfg.method == "disco" else 1
+    # the same total rank for every method: DISCO and MoELoRA's experts at subspace_rank, O-LoRA one slot per stage
+    K = {"disco": cfg.disco.max_subspaces, "moelora": cfg.disco.max_subspaces,
+         "olora": get_setting(cfg.setting).num_stages}.get(cfg.method, 1)
     gen = torch.Generator().manual_seed(cfg.seed)
-    add_lora(model, LoRAConfig(num_subspaces=K, rank=cfg.rank // K, alpha=cfg.alpha, dropout=cfg.lora_dropout),
-             generator=gen)
+    wrap = add_moelora if cfg.method == "moelora" else add_lora
+    wrap(model, LoRAConfig(num_subspaces=K, rank=cfg.rank // K, alpha=cfg.alpha, dropout=cfg.lora_dropout),
+         generator=gen)
     model.to(cfg.device)
     if cfg.fed.train_projector:
         for p in model.model.multi_modal_projector.parameters():
             p.requires_grad_(True)
     return model.eval(), processor
+
+
+def make_strategy(cfg: RunConfig, model, processor, log):
+    """The method registry: what each --method changes in the federated loop (federated.Strategy)."""
+    if cfg.method == "disco":
+        return Disco(model, processor, cfg.fed, disco=cfg.disco, server_cfg=cfg.server, log=log)
+    if cfg.method in BASELINES:
+        return BASELINES[cfg.method](model, processor, cfg.fed, baselines=cfg.baselines,
+                                     aggregate_mode=cfg.disco.aggregate, server_cfg=cfg.server, log=log)
+    return Strategy(model, processor, cfg.fed, aggregate_mode=cfg.disco.aggregate, server_cfg=cfg.server, log=log)
 
 
 # ---------------------------------------------------------------------------- outputs
@@ -193,9 +227,9 @@ def write_results(out, cfg, setting, history, wall, log):
     if cfg.method == "disco" and history["gates"]:
         final = history["gates"][-1]                                      # task -> mean gate over subspaces
         res["gates"] = final
-        if not setting.heterogeneous:                                     # Hom: task t trained the subspace it opened
-            order = [t for t in setting.tasks if t in final]
-            res["own_gate"] = {t: round(final[t][i], 4) for i, t in enumerate(order) if i < len(final[t])}
+        res["routes"] = history["routes"]                                # task -> the subspaces its clients trained
+        # own_gate: the gate mass a task's test questions put on the subspace(s) its own clients trained
+        res["own_gate"] = {t: round(sum(final[t][k] for k in history["routes"].get(t, [])), 4) for t in final}
         rows = [t for t in setting.tasks if t in final]
         metrics.draw_matrix(os.path.join(out, "activation.png"), np.array([final[t] for t in rows]), rows,
                             [f"subspace {k}" for k in range(len(final[rows[0]]))],
@@ -228,10 +262,7 @@ def main(argv=None, log=print):
                               rng=np.random.default_rng([cfg.seed, 2]))
     save_partition(os.path.join(out, "partition.json"), parts)
     model, processor = build_model(base, cfg)
-    if cfg.method == "disco":
-        strategy = Disco(model, processor, cfg.fed, disco=cfg.disco, log=log)
-    else:
-        strategy = Strategy(model, processor, cfg.fed, aggregate_mode=cfg.disco.aggregate, log=log)
+    strategy = make_strategy(cfg, model, processor, log)
     if cfg.method in ("zeroshot", "mtl"):
         if cfg.method == "mtl":                                       # one client holding every task's data
             everything = [e for td in data.values() for e in td.train]

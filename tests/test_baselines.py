@@ -1,0 +1,236 @@
+"""Tests for baselines.py: one defining property of each method (EWC, LwF, O-LoRA, MoELoRA) on a tiny Llama with
+LoRA, the equal budget, and resuming each stateful method after a crash.
+Run: python -m pytest -q tests/test_baselines.py"""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+import torch.nn as nn
+import torch.nn.functional as F
+
+import train
+from baselines import (MoELoRALinear, OLoRA, add_moelora, distillation_loss, ewc_penalty, fisher_diagonal, lwf_loss,
+                       orthogonality_loss)
+from federated import FedConfig, fedavg, trainable_state
+from lora import LoRAConfig, LoRALinear, add_lora, gated, lora_modules
+from model import answer_loss
+
+# B batch, T tokens, V vocabulary, D_in / D_out widths, R rank, K subspaces (E experts)
+B, T, V = 2, 7, 50
+
+
+def tiny_llama(*, K=1, R=2, dropout=0.0, seed=0, moe=False):
+    """A 2-layer Llama with LoRA (or MoELoRA) on its FFN; only the LoRA factors (and routers) train."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrap = add_moelora if moe else add_lora
+    wrap(model, LoRAConfig(num_subspaces=K, rank=R, alpha=4.0, dropout=dropout),
+         generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():  # B != 0, so every factor is reached by the loss
+        for m in lora_modules(model).values():
+            m.B.normal_(0, 0.1)
+    return model.eval()
+
+
+def make_batch(seed=0, n=B):
+    """Token ids with labels on the last 3 tokens only (the 'answer'), as model.collate builds them."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (n, T), generator=g)  # (B, T)
+    labels = torch.full_like(ids, -100)
+    labels[:, -3:] = ids[:, -3:]
+    return {"input_ids": ids, "labels": labels}
+
+
+# ---------------------------------------------------------------------------- EWC
+def test_ewc_penalty_is_zero_at_the_anchor_and_positive_away():
+    model = tiny_llama()
+    anchor = trainable_state(model)
+    fisher = {k: torch.rand_like(v) + 0.1 for k, v in anchor.items()}
+    penalty = ewc_penalty(fisher, anchor, lam=100.0)
+    assert penalty(model, None).item() == 0.0
+    name, param = next((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    with torch.no_grad():
+        param.add_(0.01)
+    # (lambda / 2) sum_i F_i (theta_i - theta*_i)^2 with theta - theta* = 0.01 on one parameter
+    expected = 0.5 * 100.0 * (fisher[name] * 0.01 ** 2).sum()
+    assert penalty(model, None).item() > 0
+    torch.testing.assert_close(penalty(model, None), expected, rtol=1e-4, atol=0)
+
+
+def test_fisher_is_the_sample_weighted_mean_of_the_clients_fishers():
+    model = tiny_llama()
+    examples = [make_batch(seed=i, n=1) for i in range(5)]  # one example per batch: the empirical Fisher
+    F_a, n_a = fisher_diagonal(model, examples[:2])
+    F_b, n_b = fisher_diagonal(model, examples[2:])
+    server = fedavg([F_a, F_b], [n_a, n_b])  # what EWC's server does with its clients' Fishers
+    F_all, _ = fisher_diagonal(model, examples)  # the Fisher of all 5 examples in one place
+    for k in F_all:
+        torch.testing.assert_close(server[k], F_all[k], rtol=1e-5, atol=1e-12)
+    # and F is a mean of squared gradients: check one parameter by hand
+    name, param = next((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    by_hand = torch.stack([torch.autograd.grad(answer_loss(model, b), param)[0].square() for b in examples]).mean(0)
+    torch.testing.assert_close(F_all[name], by_hand, rtol=1e-5, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------- LwF
+def test_lwf_term_is_zero_when_the_teacher_is_the_student():
+    model = tiny_llama()
+    batch = make_batch()
+    term = lwf_loss(trainable_state(model), lam=1.0, temperature=2.0)(model, batch)
+    assert term.item() == 0.0
+    # so the local loss is the plain cross-entropy on the answer tokens
+    logits = model(input_ids=batch["input_ids"]).logits  # (B, T, V)
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, V), batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(answer_loss(model, batch) + term, ce)
+
+
+def test_distillation_counts_answer_positions_only():
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(B, T, V, generator=g), torch.randn(B, T, V, generator=g)
+    labels = make_batch()["labels"]
+    before = distillation_loss(student, teacher, labels, temperature=2.0)
+    assert before.item() > 0
+    # logits at t predict token t + 1: positions 0..T-5 predict prompt tokens and must not count
+    student2 = student.clone()
+    student2[:, :T - 4] = torch.randn(B, T - 4, V, generator=g)
+    torch.testing.assert_close(distillation_loss(student2, teacher, labels, temperature=2.0), before)
+
+
+def test_lwf_teacher_pass_writes_no_parameter_and_keeps_the_task_graph_valid():
+    model = tiny_llama().train()
+    teacher = {k: v + 0.05 for k, v in trainable_state(model).items()}
+    before = trainable_state(model)
+    batch = make_batch()
+    loss = answer_loss(model, batch)  # the task loss first, as local_train computes it
+    loss = loss + lwf_loss(teacher, lam=1.0, temperature=2.0)(model, batch)
+    loss.backward()  # an in-place swap of the parameters would make this raise
+    after = trainable_state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert model.training
+
+
+# ---------------------------------------------------------------------------- O-LoRA
+def test_olora_old_subspaces_receive_exactly_zero_gradient():
+    K, slot = 3, 2
+    model = tiny_llama(K=K).train()
+    with gated(model, F.one_hot(torch.tensor(slot), K).float()):  # OLoRA's train gate for stage 2
+        loss = answer_loss(model, make_batch())
+        loss = loss + 0.5 * sum(orthogonality_loss(m.A, slot) for m in lora_modules(model).values())
+    loss.backward()
+    for m in lora_modules(model).values():
+        assert torch.count_nonzero(m.A.grad[:slot]) == 0 and torch.count_nonzero(m.B.grad[:slot]) == 0
+        assert m.A.grad[slot].abs().sum() > 0 and m.B.grad[slot].abs().sum() > 0
+
+
+def test_orthogonality_loss_is_zero_for_orthogonal_subspaces():
+    K, R, D = 3, 2, 8
+    basis = torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(0)))[0].T  # orthonormal rows
+    A = (3.0 * basis[:K * R]).reshape(K, R, D)  # (K, R, D): disjoint sets of orthogonal directions
+    assert orthogonality_loss(A, 2).item() == pytest.approx(0.0, abs=1e-5)
+    A[2, 0] = A[2, 0] + A[0, 1]  # the new subspace leans into an old one
+    # ||A_2 A_0^T||_1 picks up <A_0[1], A_0[1]> = 9; A_1 stays orthogonal
+    assert orthogonality_loss(A, 2).item() == pytest.approx(9.0, abs=1e-4)
+    assert orthogonality_loss(A, 0).item() == 0.0
+
+
+def test_olora_stage_t_trains_subspace_t_and_the_last_slot_after_that():
+    model = tiny_llama(K=3)
+    strategy = OLoRA(model, None, FedConfig())
+    assert [strategy.assign(t, [None, None])[0] for t in range(5)] == [0, 1, 2, 2, 2]
+    assert strategy.eval_gate([None]) is None  # inference sums every subspace
+
+
+# ---------------------------------------------------------------------------- MoELoRA
+def moe_layer(E, *, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    layer = MoELoRALinear(nn.Linear(6, 5), num_subspaces=E, rank=2, alpha=4.0, generator=g)
+    with torch.no_grad():
+        layer.B.normal_(0, 0.5, generator=g)
+        layer.router.normal_(0, 1.0, generator=g)
+    return layer
+
+
+def test_router_weights_sum_to_one_per_token():
+    layer = moe_layer(4)
+    x = torch.randn(B, T, 6)
+    a = layer.router_weights(x)  # (B, T, E)
+    assert a.shape == (B, T, 4) and bool((a > 0).all())
+    torch.testing.assert_close(a.sum(-1), torch.ones(B, T))
+    assert not torch.allclose(a[0, 0], a[0, 1])  # per token, not per sequence
+
+
+def test_moelora_with_one_expert_equals_plain_lora():
+    moe = moe_layer(1)
+    plain = LoRALinear(moe.base, num_subspaces=1, rank=2, alpha=4.0)
+    with torch.no_grad():
+        plain.A.copy_(moe.A), plain.B.copy_(moe.B)
+    x = torch.randn(B, T, 6)
+    torch.testing.assert_close(moe(x), plain(x))
+
+
+def test_moelora_outer_zero_gate_is_the_base_model():
+    layer = moe_layer(3)
+    x = torch.randn(B, T, 6)
+    layer.gate = torch.zeros(3)
+    torch.testing.assert_close(layer(x), layer.base(x))
+
+
+def test_add_moelora_wraps_every_target_and_trains_the_router():
+    model = tiny_llama(K=4, moe=True)
+    layers = lora_modules(model)
+    assert len(layers) == 2 * 3 and all(isinstance(m, MoELoRALinear) for m in layers.values())
+    assert sum(k.endswith(".router") for k in trainable_state(model)) == len(layers)
+
+
+# ---------------------------------------------------------------------------- equal budget, resuming
+@pytest.mark.parametrize("setting", ["task-hom", "cap-het"])
+@pytest.mark.parametrize("method", ["finetune", "disco", "ewc", "lwf", "olora", "moelora"])
+def test_every_method_has_the_same_total_lora_rank(tiny_cache, setting, method):
+    cfg = train.resolve(train.parse_args(["--preset", "tiny", "--setting", setting, "--method", method]))
+    _, base = train.prepare(cfg, log=lambda *a: None)
+    model, _ = train.build_model(base, cfg)
+    layer = next(iter(lora_modules(model).values()))
+    assert layer.num_subspaces * layer.rank == cfg.rank
+    if method == "olora":
+        assert layer.num_subspaces == train.get_setting(setting).num_stages
+
+
+@pytest.mark.parametrize("flags, crash_at", [
+    pytest.param(["--method", "ewc"], 2, id="ewc-before-end_stage"),
+    pytest.param(["--method", "ewc"], 3, id="ewc-after-stage-1"),
+    pytest.param(["--method", "lwf"], 2, id="lwf-before-end_stage"),
+    pytest.param(["--method", "olora"], 3, id="olora"),
+    pytest.param(["--method", "moelora"], 3, id="moelora"),
+    pytest.param(["--method", "disco", "--server", "fedadam", "--aggregate", "ab"], 3, id="disco-fedadam"),
+])
+def test_resume_after_a_crash_gives_the_same_results(tiny_cache, tmp_path, monkeypatch, flags, crash_at):
+    """crash_at 2: after the stage's last round, before end_stage (EWC's Fisher must be in the checkpoint);
+    3: after the end of stage 1 (a server's moments must be in the checkpoint)."""
+    flags = ["--preset", "tiny", "--rounds", "2", *flags]
+    full = train.main([*flags, "--out", str(tmp_path / "full")], log=lambda *a: None)
+    calls, real = {"n": 0}, train.checkpoint
+
+    def crashing(out, cfg_json):
+        save = real(out, cfg_json)
+
+        def on_round(p, strategy):
+            save(p, strategy)
+            calls["n"] += 1
+            if calls["n"] == crash_at:
+                raise KeyboardInterrupt
+        return on_round
+    monkeypatch.setattr(train, "checkpoint", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        train.main([*flags, "--out", str(tmp_path / "crash")], log=lambda *a: None)
+    monkeypatch.setattr(train, "checkpoint", real)
+    resumed = train.main([*flags, "--out", str(tmp_path / "crash")], log=lambda *a: None)
+    assert json.loads((tmp_path / "crash" / "checkpoint.json").read_text())["stage"] == 8
+    assert resumed["acc"] == full["acc"]
+    # the final global model and the strategy's state (Fisher, anchor, teacher) are bit-identical
+    a, b = (load_file(tmp_path / run / "checkpoint.safetensors") for run in ("full", "crash"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
