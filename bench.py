@@ -4,6 +4,7 @@
                                  # time as a share of a round
     python bench.py similarity   # identity-token cosine structure on the embedded benchmark: same-dataset clients
                                  # vs different datasets, against the DKO threshold
+    python bench.py gpu          # one client's local epoch + a gated evaluation batch on LLaVA-7B shapes (CUDA)
 """
 import argparse
 import time
@@ -56,35 +57,131 @@ def multi_gated(layer, x, gate):
 
 
 def similarity(args):
+    """The identity-token structure DKO relies on, with the encoder train.py uses (model.instruction_features):
+    cosine between clients of the same dataset and of different datasets, against tau; then, per dataset, the
+    SSA gate its test questions put on their own dataset's token (task-related datasets, eps = 0.05)."""
     import model as M
     import synthetic
-    from data import load_dataset
-    from lora import LoRAConfig, add_lora, gated
-    root = synthetic.write_release(args.data, seed=0) if args.data else None
+    from data import TASK_ORDER, load_dataset
+    root = synthetic.write_release(args.data, seed=0)
     mdl, proc = M.load_llava(args.base)
-    add_lora(mdl, LoRAConfig(num_subspaces=1, rank=1))
-    names = list(synthetic.DATASETS)
-    rng = np.random.default_rng(0)
+    names, rng = list(synthetic.DATASETS), np.random.default_rng(0)
+    train = {n: [e.question for e in load_dataset(root, n, "train")] for n in names}
     tokens, labels = [], []
-    with gated(mdl, torch.zeros(1)):
-        for name in names:
-            qs = [e.question for e in load_dataset(root, name, "train")]
-            for _ in range(args.clients):
-                idx = rng.choice(len(qs), args.client_size, replace=False)
-                tokens.append(fcit.identity_token(M.instruction_features(mdl, proc, [qs[i] for i in idx])))
-                labels.append(name)
+    for name in names:
+        for _ in range(args.clients):
+            idx = rng.choice(len(train[name]), args.client_size, replace=False)
+            tokens.append(fcit.identity_token(M.instruction_features(mdl, proc, [train[name][i] for i in idx])))
+            labels.append(name)
     S = fcit.cosine_similarity(torch.stack(tokens), torch.stack(tokens)).numpy()
     lab = np.array(labels)
     same = S[(lab[:, None] == lab[None]) & ~np.eye(len(lab), dtype=bool)]
     diff = S[lab[:, None] != lab[None]]
-    print(f"clients of {args.client_size} instructions, {args.clients} per dataset")
+    print(f"clients of {args.client_size} instructions, {args.clients} per dataset, {len(names)} datasets")
     print(f"same dataset:      min {same.min():.3f}  mean {same.mean():.3f}")
     print(f"different dataset: max {diff.max():.3f}  mean {diff.mean():.3f}   (threshold tau = {args.threshold})")
     print("mean cosine between datasets' clients:")
     print(" " * 12 + " ".join(f"{n[:6]:>6}" for n in names))
-    for i, n in enumerate(names):
-        row = [S[np.ix_(lab == n, lab == m)].mean() for m in names]
-        print(f"{n[:11]:>11} " + " ".join(f"{v:6.2f}" for v in row))
+    for n in names:
+        print(f"{n[:11]:>11} " + " ".join(f"{S[np.ix_(lab == n, lab == m)].mean():6.2f}" for m in names))
+    g = torch.stack([fcit.identity_token(M.instruction_features(mdl, proc, train[n])) for n in TASK_ORDER])
+    print("SSA gate of each task-related dataset's test questions on its own token (softmax, eps 0.05):")
+    for k, n in enumerate(TASK_ORDER):
+        q = M.instruction_features(mdl, proc, [e.question for e in load_dataset(root, n, "test")])
+        a = fcit.activation_weights(q, g, temperature=0.05)
+        print(f"{n:>12}: own {a[:, k].mean():.3f}  top-1 {100 * (a.argmax(1) == k).float().mean():.0f}%")
+
+
+def gpu(args):
+    """One client's local epoch and one evaluation batch on a model of LLaVA-1.5-7B's shapes (random weights: no
+    download), with the paper preset's settings: bf16 base, fp32 LoRA (8 subspaces of rank 8 on the FFN), global
+    batch 128 through micro-batches, gradient checkpointing, an optimizer over LoRA and projector only. Prints
+    tokens per second and peak memory. --tiny runs the same code on small shapes (a CPU check of the script)."""
+    import dataclasses
+    import json
+    import tempfile
+
+    import model as M
+    import synthetic
+    from data import load_dataset
+    from federated import FedConfig, local_train, evaluate_dataset, Disco
+    from fcit import DiscoConfig, TokenCache
+    from lora import LoRAConfig, add_lora
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaProcessor
+    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    tok = M.build_tokenizer(synthetic.corpus(0) + [M.VICUNA_SYSTEM, "user : assistant :"])
+    size, patch = (336, 14) if not args.tiny else (28, 14)
+    vision = CLIPVisionConfig(**(dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                      num_attention_heads=16, projection_dim=768) if not args.tiny else
+                                 dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)),
+                              image_size=size, patch_size=patch)
+    text = LlamaConfig(**(dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                               num_key_value_heads=32) if not args.tiny else
+                          dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                               num_key_value_heads=2)),
+                       vocab_size=32064, max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text, projector_hidden_act="gelu",
+                         image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+                         vision_feature_select_strategy="default", image_seq_length=(size // patch) ** 2)
+    processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": size},
+                                                                  crop_size={"height": size, "width": size}),
+                               tokenizer=tok, patch_size=patch, vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1, image_token="<image>")
+    t0 = time.perf_counter()
+    torch.set_default_dtype(dtype)                       # build the 7B base directly in bf16: half the memory
+    with torch.device(device):
+        model = LlavaForConditionalGeneration(config)
+    torch.set_default_dtype(torch.float32)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    add_lora(model, LoRAConfig(num_subspaces=8, rank=8, alpha=128.0), generator=torch.Generator().manual_seed(0))
+    for p in model.model.multi_modal_projector.parameters():
+        p.requires_grad_(True)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.eval()
+    n_base = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"built on {device} in {time.perf_counter() - t0:.0f}s: {n_base / 1e9:.2f} B frozen ({dtype}), "
+          f"{n_train / 1e6:.1f} M trainable (LoRA fp32 + projector)", flush=True)
+    root = synthetic.write_release(tempfile.mkdtemp(), seed=0, sizes=synthetic.Sizes(args.examples, 32))
+    examples = load_dataset(root, "CLEVR-Math", "train")
+    cfg = FedConfig(lr=2e-4, projector_lr=2e-5, batch_size=args.batch, micro_batch=args.micro_batch,
+                    system=M.VICUNA_SYSTEM, eval_batch=args.eval_batch, max_new_tokens=16)
+    tokens = sum(int(M.collate(processor, [M.Image.new("RGB", (size, size))], [e.question], [e.answer],
+                               system=cfg.system)["attention_mask"].sum()) for e in examples)
+    gate = torch.nn.functional.one_hot(torch.tensor(3), 8).float()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    _, loss = local_train(model, processor, examples, gate=gate, cfg=cfg, rng=np.random.default_rng(0))
+    if device == "cuda":
+        torch.cuda.synchronize()
+    train_s = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    # evaluation: batched greedy decoding, each row gated by its own softmax over 8 subspaces (SSA)
+    strategy = Disco(model, processor, cfg, disco=DiscoConfig(max_subspaces=8))
+    strategy.cache = TokenCache(torch.nn.functional.normalize(torch.randn(8, 128), dim=-1), torch.full((8,), 100))
+    strategy.encode_text = lambda qs: torch.randn(len(qs), 128)
+    test = load_dataset(root, "CLEVR-Math", "test")[:args.eval_batch]
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    evaluate_dataset(model, processor, "CLEVR-Math", test, strategy, cfg)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    eval_s = time.perf_counter() - t0
+    eval_peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    out = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "examples": len(examples),
+           "tokens": tokens, "train_seconds": round(train_s, 1), "train_tokens_per_s": round(tokens / train_s),
+           "train_peak_GiB": round(peak, 1), "loss": round(loss, 3), "eval_batch": len(test),
+           "eval_seconds": round(eval_s, 1), "eval_peak_GiB": round(eval_peak, 1),
+           "batch": cfg.batch_size, "micro_batch": cfg.micro_batch}
+    print(json.dumps(out), flush=True)
 
 
 if __name__ == "__main__":
@@ -105,5 +202,11 @@ if __name__ == "__main__":
     m.add_argument("--clients", type=int, default=5)
     m.add_argument("--client-size", type=int, default=40)
     m.add_argument("--threshold", type=float, default=0.9)
+    g = sub.add_parser("gpu")
+    g.add_argument("--tiny", action="store_true", help="small shapes, to check the script on a CPU")
+    g.add_argument("--examples", type=int, default=256, help="the client's examples (one local epoch)")
+    g.add_argument("--batch", type=int, default=128)
+    g.add_argument("--micro-batch", type=int, default=8)
+    g.add_argument("--eval-batch", type=int, default=16)
     a = ap.parse_args()
-    {"speed": speed, "similarity": similarity}[a.cmd](a)
+    {"speed": speed, "similarity": similarity, "gpu": gpu}[a.cmd](a)

@@ -1,17 +1,25 @@
 """The FCIT benchmark as data: the 12 datasets, the 4 settings, and the Dirichlet partition over clients.
 
-Reads instruction data in the layout of the official FCIT release (fcit-paper-notes.md, 1.1-1.3):
-    ROOT/instructions/<Dataset>/train*.json, test*.json    lists of LLaVA conversation records
-    ROOT/datasets/...                                       images, the records' "image" paths relative to it
-A record is {"id", "image", "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", ...}]};
-the embedded benchmark (synthetic.py) writes exactly this, and the same loader reads the real release.
+Reads the official FCIT release exactly as it lies after download (HF MLLM-CL/FCIT; file names from the official
+scripts), and the embedded benchmark (synthetic.py), which writes instructions/<Dataset>/{train,test}.json:
+    ROOT/instructions/<Folder>/<train>, <test>   RELEASE below: e.g. OCRVQA/train_10w.json, IconQA/val.json
+    ROOT/instructions/Flickr30k-cap/val_coco_type.json          COCO captions of the Flickr30k test images
+    ROOT/datasets/<ImageFolder>/...                             images; a record's "image" is relative to datasets/
+    ROOT/partitioned_data/Task-related/seq/<beta>/Task<1..8>/client_<k>.json        pre-made clients (optional)
+    ROOT/partitioned_data/Capability-related/cap/<beta>/Task<1..4>/client_<k>.json  <beta> = str(float(beta))
+A record is a LLaVA conversation {"id", "image", "conversations": [{"from": "human", "value": "<image>\\n..."},
+{"from": "gpt", ...}]} or, in test files, the official eval's question record {"question_id", "image", "text",
+"answer" | "answer_bbox"}. A client file is a list of conversation records.
 Settings: task-related (8 stages, one dataset each) or capability-related (4 stages, datasets grouped by skill),
 Homogeneous (every client of stage t learns stage t's task) or Heterogeneous (a fixed table of tasks per client
 slot). A *task* is what a stage trains on: a dataset (task-related) or a capability group (capability-related).
-Partition (1.3): per task, client shares w ~ Dir(beta * 1_C), quantity skew only, with a real minimum size.
+Partition (1.3): per task, client shares w ~ Dir(beta * 1_C), quantity skew only, with a real minimum size; the
+release's pre-made client files replace it when they exist for the run's beta.
 
-    python -c "import data; print(data.SETTINGS['cap-het'])"
-Tests: python -m pytest tests/test_data.py
+    data, parts = load_release("/data/FCIT", SETTINGS["cap-hom"], beta=1.0, num_clients=50,
+                               rng=np.random.default_rng(0), train_limit=20, test_limit=20)   # a smoke test
+    # parts is None when no pre-made partition exists: parts = partition_setting(data, 50, ...)
+Tests: python -m pytest tests/test_data.py tests/test_release.py
 """
 import glob
 import json
@@ -21,12 +29,68 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-# ---------------------------------------------------------------------------- the 12 datasets and their metrics
+# ---------------------------------------------------------------------------- the 12 datasets and their files
 METRIC = {"ImageNet-R": "exact", "ArxivQA": "exact", "IconQA": "exact", "CLEVR-Math": "exact",
           "OCR-VQA": "exact", "Flickr30k": "caption", "FigureQA": "substring", "super-CLEVR": "exact",
           "AOKVQA": "exact", "Grounding": "iou", "DVQA": "substring", "TabMWP": "exact"}
 
 
+@dataclass(frozen=True)
+class Release:
+    folder: str                 # ROOT/instructions/<folder>/
+    train: str
+    test: str                   # the question file the official eval script passes
+    images: str                 # ROOT/datasets/<images>/: the first part of a record's "image"
+    refs: str | None = None     # COCO-format references the official caption eval scores against
+
+
+# Instruction and image folders differ (OCRVQA vs OCR-VQA, CLEVR-Math vs CLEVR); AOKVQA and Grounding share COCO2014.
+RELEASE = {"ImageNet-R": Release("ImageNet-R", "train.json", "test.json", "ImageNet-R"),
+           "ArxivQA": Release("ArxivQA", "train_4w.json", "test_1w.json", "ArxivQA"),
+           "IconQA": Release("IconQA", "train.json", "val.json", "IconQA"),
+           "CLEVR-Math": Release("CLEVR-Math", "train_4w.json", "test_1w.json", "CLEVR"),
+           "OCR-VQA": Release("OCRVQA", "train_10w.json", "test_1w.json", "OCR-VQA"),
+           "Flickr30k": Release("Flickr30k-cap", "train_brief_4w.json", "val_brief.json", "Flickr30k",
+                                "val_coco_type.json"),
+           "FigureQA": Release("FigureQA", "train.json", "test.json", "FigureQA"),
+           "super-CLEVR": Release("super-CLEVR", "train.json", "test.json", "super-CLEVR"),
+           "AOKVQA": Release("AOKVQA", "train.json", "val.json", "COCO2014"),
+           "Grounding": Release("Grounding", "train_11w.json", "test_6000.json", "COCO2014"),
+           "DVQA": Release("DVQA", "train.json", "test.json", "DVQA"),
+           "TabMWP": Release("TabMWP", "train.json", "test.json", "TabMWP")}
+HOW_TO = "see README, 'Run the real benchmark'"
+
+
+def release_path(root, dataset, split):
+    """The release's file for split 'train', 'test' or 'refs' (None for a dataset or split it does not have)."""
+    spec = RELEASE.get(dataset)
+    name = spec and getattr(spec, split)
+    return os.path.join(root, "instructions", spec.folder, name) if name else None
+
+
+def split_path(root, dataset, split):
+    """The release's name if that file exists, else the embedded benchmark's instructions/<Dataset>/<split>*.json."""
+    path = release_path(root, dataset, split)
+    if path and os.path.isfile(path):
+        return path
+    found = sorted(glob.glob(os.path.join(root, "instructions", dataset, f"{split}*.json")))
+    return found[0] if found else None
+
+
+def split_file(root, dataset, split):
+    path = split_path(root, dataset, split)
+    if path is None:
+        wanted = release_path(root, dataset, split) or f"{root}/instructions/{dataset}/{split}*.json"
+        raise FileNotFoundError(f"{wanted}: no {split} file for {dataset}; {HOW_TO}")
+    return path
+
+
+def needs_refs(root, dataset, test_path):
+    """The release's caption test file comes with its references in a separate COCO-format file."""
+    return test_path is not None and test_path == release_path(root, dataset, "test") and bool(RELEASE[dataset].refs)
+
+
+# ---------------------------------------------------------------------------- records
 @dataclass
 class Example:
     id: str
@@ -44,24 +108,50 @@ def read_json(path):
         raise ValueError(f"{path}: malformed JSON ({e}); expected a list of LLaVA conversation records") from None
 
 
+def head(records, limit):
+    return records[:limit] if limit is not None and isinstance(records, list) else records
+
+
+def as_text(answer):
+    """Answers are compared as text; a Grounding box list [x1, y1, x2, y2] becomes "[x1, y1, x2, y2]"."""
+    return "[" + ", ".join(map(str, answer)) + "]" if isinstance(answer, list) else str(answer)
+
+
+def question_answer(r, where):
+    """(question, answer): first human and first gpt turn, or the official eval's "text" + "answer"/"answer_bbox"."""
+    if "conversations" not in r and "text" in r:
+        answer = r.get("answer", r.get("answer_bbox"))
+        if not isinstance(r["text"], str) or answer is None:
+            raise ValueError(f"{where} is a question record without a string 'text' and an 'answer' "
+                             "(or 'answer_bbox'); see README, 'Data format'")
+        # model_vqa.py prompts with "<image>\n" + text; we keep the LLaVA form of the conversation records
+        question = r["text"] if "<image>" in r["text"] else "<image>\n" + r["text"]
+        return question, as_text(answer)
+    conv = r.get("conversations")
+    if not isinstance(conv, list) or len(conv) < 2 or not all(isinstance(c, dict) for c in conv):
+        raise ValueError(f"{where} has no 'conversations' with a human and a gpt turn (nor 'text' and "
+                         "'answer'); see README, 'Data format'")
+    human = next((c.get("value") for c in conv if c.get("from") == "human"), None)
+    gpt = next((c.get("value") for c in conv if c.get("from") == "gpt"), None)
+    if human is None or gpt is None:
+        raise ValueError(f"{where} needs one turn from 'human' and one from 'gpt'")
+    return human, as_text(gpt)
+
+
 def parse_records(records, path, image_root):
     """Examples from a list of records; every problem is reported with the file and record index."""
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
     out = []
     for i, r in enumerate(records):
-        conv = r.get("conversations") if isinstance(r, dict) else None
-        if not isinstance(conv, list) or len(conv) < 2 or not all(isinstance(c, dict) for c in conv):
-            raise ValueError(f"{path}: record {i} has no 'conversations' with a human and a gpt turn; "
-                             "see README, 'Data format'")
+        where = f"{path}: record {i}"
+        if not isinstance(r, dict):
+            raise ValueError(f"{where} has no 'conversations': it is a {type(r).__name__}, not a record")
+        question, answer = question_answer(r, where)
         if not isinstance(r.get("image"), str):
-            raise ValueError(f"{path}: record {i} ({r.get('id', '?')}) has no 'image'")
-        human = next((c["value"] for c in conv if c.get("from") == "human"), None)
-        gpt = next((c["value"] for c in conv if c.get("from") == "gpt"), None)
-        if human is None or gpt is None:
-            raise ValueError(f"{path}: record {i} needs one turn from 'human' and one from 'gpt'")
-        image = resolve_image(image_root, r["image"], f"{path}: record {i}")
-        out.append(Example(str(r.get("id", i)), image, human, gpt, r.get("references")))
+            raise ValueError(f"{where} ({r.get('id', '?')}) has no 'image'")
+        image = resolve_image(image_root, r["image"], where)
+        out.append(Example(str(r.get("id", r.get("question_id", i))), image, question, answer, r.get("references")))
     return out
 
 
@@ -81,18 +171,38 @@ def read_image(path):
         raise ValueError(f"{path}: unreadable image ({e})") from None
 
 
-def split_file(root, dataset, split):
-    """instructions/<Dataset>/<split>*.json: train.json here, train_4w.json or similar in the release."""
-    found = sorted(glob.glob(os.path.join(root, "instructions", dataset, f"{split}*.json")))
-    if not found:
-        raise FileNotFoundError(f"{root}/instructions/{dataset}/{split}*.json: no {split} file for {dataset}")
-    return found[0]
+def attach_references(examples, records, path):
+    """Captions of each test image from a COCO-format file (images [{file_name, id}], annotations [{image_id,
+    caption}]), matched by file name (the record's image path or its basename); when the names do not match, by
+    position, image_id = index + 1, which is what the official eval assumes (it numbers its answers 1, 2, ...)."""
+    coco = read_json(path)
+    try:
+        ids = {}                                                   # file name or basename -> image id
+        for im in coco["images"]:
+            ids[im["file_name"]] = im["id"]
+            ids.setdefault(os.path.basename(im["file_name"]), im["id"])
+        captions = {}                                              # image id -> its captions
+        for a in coco["annotations"]:
+            captions.setdefault(a["image_id"], []).append(a["caption"])
+    except (TypeError, KeyError) as e:
+        raise ValueError(f"{path}: not a COCO caption file {{'images': [{{file_name, id}}], 'annotations': "
+                         f"[{{image_id, caption}}]}} (missing {e})") from None
+    by_name = [ids.get(r["image"], ids.get(os.path.basename(r["image"]))) for r in records]
+    matched = by_name if all(i in captions for i in by_name) else list(range(1, len(records) + 1))
+    for i, (e, image_id) in enumerate(zip(examples, matched)):
+        if image_id not in captions:
+            raise ValueError(f"{path}: no captions for test record {i} ('{records[i]['image']}'), neither by file "
+                             f"name nor by position (image_id {i + 1}); {HOW_TO}")
+        e.references = captions[image_id]
 
 
 def load_dataset(root, dataset, split, *, limit=None):
     path = split_file(root, dataset, split)
-    records = read_json(path)
-    return parse_records(records if limit is None else records[:limit], path, os.path.abspath(root))
+    records = head(read_json(path), limit)
+    examples = parse_records(records, path, os.path.abspath(root))
+    if split == "test" and needs_refs(root, dataset, path):
+        attach_references(examples, records, release_path(root, dataset, "refs"))
+    return examples
 
 
 # ---------------------------------------------------------------------------- the four settings
@@ -150,15 +260,104 @@ class TaskData:
     test: dict = field(default_factory=dict)      # dataset -> test examples
 
 
+def check_files(root, setting, client_files=()):
+    """Every file the setting needs, checked before anything is read: one error lists all that are missing.
+    Train files are not needed when the clients' files are pre-made."""
+    missing = []
+    for d in dict.fromkeys(d for task in setting.tasks for d in setting.datasets[task]):
+        for split in ("test",) if client_files else ("train", "test"):
+            path = split_path(root, d, split)
+            if path is None:
+                missing.append(release_path(root, d, split) or os.path.join(root, "instructions", d, f"{split}*.json"))
+            elif split == "test" and needs_refs(root, d, path) and not os.path.isfile(release_path(root, d, "refs")):
+                missing.append(release_path(root, d, "refs"))
+    missing += [p for p in client_files if not os.path.isfile(p)]
+    if missing:
+        names = ", ".join(os.path.relpath(p, root) for p in missing)
+        raise FileNotFoundError(f"missing {len(missing)} file{'s' * (len(missing) > 1)} under {root}: {names} "
+                                f"(looked for the official release's names, data.RELEASE); {HOW_TO}")
+
+
+def load_tests(root, datasets, limit):
+    return {d: load_dataset(root, d, "test", limit=limit) for d in datasets}
+
+
 def load_setting(root, setting: Setting, *, rng, train_limit=None, test_limit=None):
     """TaskData per task; a capability group's training data is the shuffled union of its datasets (1.2)."""
+    check_files(root, setting)
     out = {}
     for task in setting.tasks:
         train = [e for d in setting.datasets[task] for e in load_dataset(root, d, "train", limit=train_limit)]
         train = [train[i] for i in rng.permutation(len(train))]
-        test = {d: load_dataset(root, d, "test", limit=test_limit) for d in setting.datasets[task]}
-        out[task] = TaskData(task, train, test)
+        out[task] = TaskData(task, train, load_tests(root, setting.datasets[task], test_limit))
     return out
+
+
+# ---------------------------------------------------------------------------- the release's pre-made partitions
+def partition_dir(root, setting, beta):
+    """Hom and Het read the same folders (the official code strips '-dyn' from the setting's name)."""
+    kind = ("Capability-related", "cap") if setting.name.startswith("cap") else ("Task-related", "seq")
+    return os.path.join(root, "partitioned_data", *kind, str(float(beta)))
+
+
+def client_file(folder, t, k):
+    return os.path.join(folder, f"Task{t}", f"client_{k}.json")
+
+
+def image_folder(rel):
+    return os.path.normpath(rel).replace("\\", "/").lstrip("/").split("/")[0]
+
+
+def identify_task(records, setting, where):
+    """The task a Task<t> folder holds, from its records' image folders. Content, not the folder number, decides:
+    the official sources disagree on the capability-related stage order (eval scripts vs process_data.py); the
+    task-related folders follow TASK_ORDER, and reading their content too keeps one code path for both."""
+    owner = {}                                                     # image folder -> task
+    for task in setting.tasks:
+        for d in setting.datasets[task]:
+            owner[RELEASE[d].images.lower()] = owner[d.lower()] = task
+    folders = sorted({image_folder(r["image"]) for r in records})
+    tasks = {owner[f.lower()] for f in folders if f.lower() in owner}          # case as written may vary
+    if len(tasks) != 1:
+        known = "; ".join(f"{t}: {', '.join(dict.fromkeys(RELEASE[d].images for d in setting.datasets[t]))}"
+                          for t in setting.tasks)
+        raise ValueError(f"{where}: cannot tell which task it holds from its image folders {folders}; each Task "
+                         f"folder must hold the images of one task ({known}); {HOW_TO}")
+    return tasks.pop()
+
+
+def load_partitions(root, setting, folder, num_clients, train_limit):
+    """TaskData.train of a task = its clients' records concatenated; parts[task][c] = client c's slice of it."""
+    train, parts, seen = {}, {}, {}
+    for t in range(1, setting.num_stages + 1):
+        paths = [client_file(folder, t, k) for k in range(num_clients)]
+        records = [head(read_json(p), train_limit) for p in paths]
+        clients = [parse_records(r, p, os.path.abspath(root)) for r, p in zip(records, paths)]
+        task = identify_task([r for rs in records for r in rs], setting, os.path.join(folder, f"Task{t}"))
+        if task in seen:
+            raise ValueError(f"{folder}: Task{seen[task]} and Task{t} both hold {task}; {HOW_TO}")
+        seen[task] = t
+        sizes = [len(c) for c in clients]
+        parts[task] = np.split(np.arange(sum(sizes)), np.cumsum(sizes)[:-1])      # C arrays of client indices
+        train[task] = [e for c in clients for e in c]
+    return train, parts
+
+
+def load_release(root, setting: Setting, *, beta, num_clients, rng, train_limit=None, test_limit=None):
+    """(data, parts): TaskData per task, and the release's pre-made partition for this beta (the first num_clients
+    client files of each Task folder), or parts = None when it has none: use partition_setting then.
+    train_limit: first N records of each train file (each client file when pre-made); test_limit: of each test file."""
+    folder = partition_dir(root, setting, beta)
+    if not os.path.isdir(folder):
+        return load_setting(root, setting, rng=rng, train_limit=train_limit, test_limit=test_limit), None
+    if num_clients < 1:
+        raise ValueError(f"--clients must be >= 1, got {num_clients}")
+    check_files(root, setting, [client_file(folder, t, k) for t in range(1, setting.num_stages + 1)
+                                for k in range(num_clients)])
+    train, parts = load_partitions(root, setting, folder, num_clients, train_limit)
+    data = {task: TaskData(task, train[task], load_tests(root, setting.datasets[task], test_limit))
+            for task in setting.tasks}
+    return data, {task: parts[task] for task in setting.tasks}
 
 
 # ---------------------------------------------------------------------------- Dirichlet partition

@@ -35,7 +35,8 @@ class FedConfig:
     clients_per_round: int = 5      # 10% per round (paper)
     rounds: int = 10                # per stage (paper)
     local_epochs: int = 1           # paper
-    batch_size: int = 8             # local batch
+    batch_size: int = 8             # local batch: examples per optimizer step
+    micro_batch: int = 0            # examples per forward pass; gradients accumulate up to batch_size (0 = all)
     lr: float = 2e-3                # peak lr of LoRA (paper: 2e-4 for 7B; a tiny model needs more)
     projector_lr: float = 2e-4      # peak lr of the projector: lr / 10, as the official scripts (2e-5 vs 2e-4)
     warmup: float = 0.03            # fraction of local steps (paper)
@@ -72,10 +73,20 @@ def batches(examples, batch_size, rng):
         yield [examples[j] for j in order[i:i + batch_size]]
 
 
-def make_batch(processor, examples, system, device, dtype):
+def batches_of(items, size):
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def make_batch(processor, examples, system, device=None, dtype=None):
+    """A training batch (model.collate) of examples, on `device` when one is given."""
     b = collate(processor, [read_image(e.image) for e in examples], [e.question for e in examples],
                 [e.answer for e in examples], system=system)
-    return to_device(b, device, dtype)
+    return b if device is None else to_device(b, device, dtype)
+
+
+def answer_tokens(batch):
+    """How many tokens the loss averages over: the labels that are not -100, after the one-token shift."""
+    return int((batch["labels"][:, 1:] != -100).sum())
 
 
 def param_groups(model, cfg: FedConfig):
@@ -99,17 +110,27 @@ def local_train(model, processor, examples, *, gate, cfg: FedConfig, rng, extra_
     with gated(model, gate):
         for _ in range(cfg.local_epochs):
             for chunk in batches(examples, cfg.batch_size, rng):
-                batch = make_batch(processor, chunk, cfg.system, model.device, model.dtype)
                 for g in opt.param_groups:
                     g["lr"] = g["peak_lr"] * cosine_lr(step, steps, warm)
-                loss = answer_loss(model, batch)
-                if extra_loss is not None:
-                    loss = loss + extra_loss(model, batch)
-                loss.backward()
+                total = 0.0
+                # gradient accumulation: the paper's global batch (128) through micro-batches that fit the GPU. Each
+                # part's loss is a mean over its answer tokens, so weighting it by its share of the batch's answer
+                # tokens gives exactly the batch's mean (weight 1.0 when there is one part)
+                parts = [make_batch(processor, p, cfg.system) for p in
+                         (batches_of(chunk, cfg.micro_batch) if cfg.micro_batch else [chunk])]
+                tokens = [answer_tokens(b) for b in parts]
+                for batch, n in zip(parts, tokens):
+                    batch = to_device(batch, model.device, model.dtype)
+                    loss = answer_loss(model, batch)
+                    if extra_loss is not None:
+                        loss = loss + extra_loss(model, batch)
+                    w = n / sum(tokens)
+                    (w * loss).backward()
+                    total += w * loss.item()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                losses.append(loss.item())
+                losses.append(total)
                 step += 1
     model.eval()
     return trainable_state(model), float(np.mean(losses))
@@ -205,19 +226,22 @@ class Disco(Strategy):
     aggregation stays inside a subspace; SSA gates the subspaces per test question (fcit.activation_weights)."""
     name = "disco"
 
-    def __init__(self, model, processor, cfg, *, disco: fcit.DiscoConfig, server_cfg=None, log=print):
+    def __init__(self, model, processor, cfg, *, disco: fcit.DiscoConfig, encode_text=None, server_cfg=None,
+                 log=print):
         super().__init__(model, processor, cfg, aggregate_mode=disco.aggregate, server_cfg=server_cfg, log=log)
         self.disco = disco
+        # the frozen text encoder of identity tokens: questions -> (N, D). The embedded default is the base's own
+        # word embeddings (model.instruction_features); the real benchmark passes CLIP's (model.clip_text_features)
+        self.encode_text = encode_text or (lambda questions: instruction_features(model, processor, questions))
         self.cache = None
 
     def features(self, examples):
-        """Frozen features of examples: the instruction through the base language model with every LoRA subspace
-        switched off (gate 0), as the paper's text identity; the image through the frozen vision tower for the
-        ablation (--identity image | both; each part L2-normalized before they are concatenated)."""
+        """Frozen features of examples: the instruction through the text encoder (the paper's identity), the image
+        through the frozen vision tower for the ablation (--identity image | both; each part L2-normalized before
+        they are concatenated)."""
         parts = []
         if self.disco.identity in ("text", "both"):
-            with gated(self.model, torch.zeros(self.num_slots())):
-                parts.append(instruction_features(self.model, self.processor, [e.question for e in examples]))
+            parts.append(self.encode_text([e.question for e in examples]))
         if self.disco.identity in ("image", "both"):
             parts.append(image_features(self.model, self.processor, [read_image(e.image) for e in examples]))
         return torch.cat([torch.nn.functional.normalize(p, dim=-1) for p in parts], -1)          # (N, D)

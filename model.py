@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from PIL import Image
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
-from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                          LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+from transformers import (AutoProcessor, AutoTokenizer, CLIPImageProcessorPil, CLIPTextModel, CLIPVisionConfig,
+                          LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
+                          PreTrainedTokenizerFast)
 
 # B batch, T tokens, D width, P image tokens
 
@@ -43,6 +44,10 @@ class ModelConfig:
     pretrain_lr: float = 5e-4       # measured: 2e-3 stalls at the answer prior (loss 0.8), 5e-4 reaches 0.22
     seed: int = 0
 
+
+# vicuna_v1's system line, what LLaVA-1.5 was instruction-tuned with (the real benchmark's prompt)
+VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 
 # ---------------------------------------------------------------------------- tokenizer, processor, prompt
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
@@ -102,15 +107,31 @@ def build_tiny_llava(tokenizer, cfg: ModelConfig) -> LlavaForConditionalGenerati
     return model
 
 
+def require_folder(path, what, files):
+    """A local model folder or a clear error: nothing is ever downloaded."""
+    missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
+    if missing:
+        raise FileNotFoundError(f"{path}: not a {what} folder, missing {', '.join(missing)}; expected the files that "
+                                f"save_pretrained writes (config.json, *.safetensors, tokenizer and processor files)")
+
+
 def load_llava(path, *, dtype=torch.float32, device="cpu"):
-    """(model, processor) from a folder in the llava-hf layout; nothing is downloaded."""
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"{path}: no config.json; expected a LLaVA checkpoint saved with save_pretrained "
-                                "(config.json, *.safetensors, tokenizer and processor files)")
-    processor = LlavaProcessor.from_pretrained(path, local_files_only=True)
+    """(model, processor) from a folder in the llava-hf layout (e.g. llava-hf/llava-1.5-7b-hf), or the tiny base."""
+    require_folder(path, "LLaVA checkpoint", ["config.json"])
+    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, local_files_only=True).to(device)
     processor.tokenizer.padding_side = "left"
     return model, processor
+
+
+def load_text_encoder(path, *, device="cpu"):
+    """(CLIPTextModel, tokenizer) from a local folder, e.g. openai/clip-vit-large-patch14-336: DISCO's frozen text
+    encoder on the real benchmark (the official code's CLIPTextTower)."""
+    require_folder(path, "CLIP text encoder", ["config.json"])
+    encoder = CLIPTextModel.from_pretrained(path, local_files_only=True).to(device).eval()
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    return encoder, AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 # ---------------------------------------------------------------------------- batches, loss, generation
@@ -178,6 +199,18 @@ def instruction_features(model, processor, questions, *, batch_size=256):
         h = torch.nn.functional.normalize(embed(enc["input_ids"]).float(), dim=-1)               # (B, T, D)
         m = enc["attention_mask"].unsqueeze(-1).float()                                        # (B, T, 1)
         feats.append(((h * m).sum(1) / m.sum(1).clamp_min(1)).cpu())                           # (B, D)
+    return torch.cat(feats)
+
+
+@torch.no_grad()
+def clip_text_features(encoder, tokenizer, questions, *, batch_size=256):
+    """CLIP's pooled output (the final hidden state at the end-of-text token, no projection) of each question
+    without the image token: the identity feature of the paper and its code (77 tokens at most)."""
+    feats = []
+    for i in range(0, len(questions), batch_size):
+        qs = [q.replace("<image>", "").strip() for q in questions[i:i + batch_size]]
+        enc = tokenizer(qs, padding=True, truncation=True, max_length=77, return_tensors="pt").to(encoder.device)
+        feats.append(encoder(**enc).pooler_output.float().cpu())                               # (B, D)
     return torch.cat(feats)
 
 

@@ -26,10 +26,10 @@ import fcit
 import metrics
 import synthetic
 from baselines import METHODS as BASELINES, BaselineConfig, add_moelora
-from data import get_setting, load_setting, partition_setting, save_partition
+from data import get_setting, load_release, partition_setting, save_partition
 from federated import Disco, FedConfig, Progress, Strategy, evaluate_tasks, local_train, run_continual
 from lora import LoRAConfig, add_lora
-from model import ModelConfig, load_llava, pretrain_base
+from model import VICUNA_SYSTEM, ModelConfig, clip_text_features, load_llava, load_text_encoder, pretrain_base
 from server import SERVERS, STATEFUL, ServerConfig
 
 METHODS = ["disco", "finetune", "mtl", "zeroshot", *BASELINES]
@@ -52,6 +52,12 @@ class RunConfig:
     test_examples: int = 200
     pretrain_examples: int = ModelConfig.pretrain_examples
     mtl_epochs: int = 1
+    data: str | None = None         # --data: the official FCIT release folder (default: the embedded benchmark)
+    model: str | None = None        # --model: a LLaVA checkpoint folder, llava-hf layout (default: the tiny base)
+    text_encoder: str | None = None # --text-encoder: a CLIP text encoder folder for DISCO's identity tokens
+    train_limit: int | None = None  # first N training records per dataset (a smoke test of the real data)
+    test_limit: int | None = None   # first N test records per dataset
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: memory for time (paper: on)
     fed: FedConfig = dataclasses.field(default_factory=FedConfig)
     disco: fcit.DiscoConfig = dataclasses.field(default_factory=fcit.DiscoConfig)
     server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
@@ -63,8 +69,11 @@ PRESETS = {
     # seconds, for tests: a micro base, a few examples, one round, two clients
     "tiny": dict(train_examples=40, test_examples=6, pretrain_examples=64, rank=16, subspace_rank=2,
                  fed=dict(num_clients=6, clients_per_round=2, rounds=1, min_size=2, eval_batch=8, max_new_tokens=12)),
-    # the paper's hyperparameters (fcit-paper-notes.md 1.3, 1.5)
-    "paper": dict(fed=dict(num_clients=50, clients_per_round=5, rounds=10, local_epochs=1, lr=2e-4, warmup=0.03)),
+    # the paper's hyperparameters (fcit-paper-notes.md 1.3, 1.5; the official scripts): global batch 128 (64 in the
+    # capability settings) through micro-batches of 8, projector lr 2e-5, answers up to 128 tokens
+    "paper": dict(gradient_checkpointing=True,
+                  fed=dict(num_clients=50, clients_per_round=5, rounds=10, local_epochs=1, lr=2e-4, projector_lr=2e-5,
+                           warmup=0.03, batch_size=128, micro_batch=8, max_new_tokens=128, eval_batch=16)),
 }
 
 
@@ -94,6 +103,13 @@ def parse_args(argv=None):
                     + ", ".join(STATEFUL) + " need --aggregate ab")
     ap.add_argument("--server-lr", type=float, help="server learning rate eta (default 1 for fedavgm, 1e-2 adaptive)")
     ap.add_argument("--mu", type=float, help="FedProx proximal weight (default 0.01)")
+    ap.add_argument("--batch-size", type=int, help="local batch (examples per optimizer step)")
+    ap.add_argument("--micro-batch", type=int, help="examples per forward pass; gradients accumulate to --batch-size")
+    ap.add_argument("--data", help="the official FCIT release folder (instructions/, datasets/, partitioned_data/)")
+    ap.add_argument("--model", help="a LLaVA checkpoint folder in the llava-hf layout, e.g. llava-1.5-7b-hf")
+    ap.add_argument("--text-encoder", help="a CLIP text encoder folder (clip-vit-large-patch14-336) for DISCO")
+    ap.add_argument("--train-limit", type=int, help="first N training records per dataset")
+    ap.add_argument("--test-limit", type=int, help="first N test records per dataset")
     ap.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
     return ap.parse_args(argv)
 
@@ -111,11 +127,18 @@ def resolve(args) -> RunConfig:
                     device=args.device, **preset)
     if setting.name.startswith("cap") and "rank" not in PRESETS[args.preset]:
         cfg.rank, cfg.alpha = 32, 64.0                                   # paper: 4 subspaces of rank 8
+    if setting.name.startswith("cap") and args.preset == "paper":
+        fed.batch_size = 64                                              # paper: 16 per GPU x 4 GPUs
     for flag, field in (("rounds", "rounds"), ("clients", "num_clients"), ("clients_per_round", "clients_per_round"),
-                        ("lr", "lr"), ("local_epochs", "local_epochs")):
+                        ("lr", "lr"), ("local_epochs", "local_epochs"), ("batch_size", "batch_size"),
+                        ("micro_batch", "micro_batch")):
         if getattr(args, flag) is not None:
             setattr(fed, field, getattr(args, flag))
-    fed.system = ModelConfig.system
+    fed.system = VICUNA_SYSTEM if args.model else ModelConfig.system  # the prompt the base was trained with
+    for flag in ("data", "model", "text_encoder", "train_limit", "test_limit"):
+        setattr(cfg, flag, getattr(args, flag))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no CUDA device here; run with --device cpu")
     cfg.fed = fed
     cfg.disco = fcit.DiscoConfig(threshold=args.threshold or 0.9, activation=args.activation or "softmax",
                                  aggregate=args.aggregate or "svd", identity=args.identity or "text",
@@ -136,21 +159,27 @@ def resolve(args) -> RunConfig:
 
 # ---------------------------------------------------------------------------- data and base model
 def prepare(cfg: RunConfig, log):
-    """The embedded benchmark and the pretrained tiny base, generated once into the cache and reused."""
-    root = os.path.join(cache_dir(), f"data-v{synthetic.VERSION}-seed0-{cfg.train_examples}x{cfg.test_examples}")
-    if not os.path.exists(os.path.join(root, "COMPLETE")):
-        log(f"generating the embedded benchmark into {root} ...")
-        synthetic.write_release(root, seed=0, sizes=synthetic.Sizes(cfg.train_examples, cfg.test_examples))
-    base = os.path.join(cache_dir(), f"base-v{synthetic.BASE_VERSION}-seed0-{cfg.pretrain_examples}")
-    if not os.path.isdir(base):
-        log(f"pretraining the tiny base model into {base} (once) ...")
-        pretrain_base(base, ModelConfig(pretrain_examples=cfg.pretrain_examples), log=log)
+    """(data root, base model folder): --data / --model as given, else the embedded benchmark and the pretrained
+    tiny base, generated once into the cache and reused."""
+    root, base = cfg.data, cfg.model
+    if root is None:
+        root = os.path.join(cache_dir(), f"data-v{synthetic.VERSION}-seed0-{cfg.train_examples}x{cfg.test_examples}")
+        if not os.path.exists(os.path.join(root, "COMPLETE")):
+            log(f"generating the embedded benchmark into {root} ...")
+            synthetic.write_release(root, seed=0, sizes=synthetic.Sizes(cfg.train_examples, cfg.test_examples))
+    if base is None:
+        base = os.path.join(cache_dir(), f"base-v{synthetic.BASE_VERSION}-seed0-{cfg.pretrain_examples}")
+        if not os.path.isdir(base):
+            log(f"pretraining the tiny base model into {base} (once) ...")
+            pretrain_base(base, ModelConfig(pretrain_examples=cfg.pretrain_examples), log=log)
     return root, base
 
 
 def build_model(base, cfg: RunConfig):
     """The base with every weight frozen, LoRA on the FFN (K slots for DISCO, one for the others), projector on."""
-    model, processor = load_llava(base, device=cfg.device)
+    # bf16 weights on a GPU (paper); the LoRA factors stay float32 whatever the base is (lora.py)
+    dtype = torch.bfloat16 if cfg.device == "cuda" else torch.float32
+    model, processor = load_llava(base, dtype=dtype, device=cfg.device)
     for p in model.parameters():
         p.requires_grad_(False)
     # the same total rank for every method: DISCO and MoELoRA's experts at subspace_rank, O-LoRA one slot per stage
@@ -164,13 +193,20 @@ def build_model(base, cfg: RunConfig):
     if cfg.fed.train_projector:
         for p in model.model.multi_modal_projector.parameters():
             p.requires_grad_(True)
+    if cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model.eval(), processor
 
 
 def make_strategy(cfg: RunConfig, model, processor, log):
     """The method registry: what each --method changes in the federated loop (federated.Strategy)."""
     if cfg.method == "disco":
-        return Disco(model, processor, cfg.fed, disco=cfg.disco, server_cfg=cfg.server, log=log)
+        encode_text = None                                               # the base's own word embeddings
+        if cfg.text_encoder:
+            encoder, tokenizer = load_text_encoder(cfg.text_encoder, device=cfg.device)
+            encode_text = lambda questions: clip_text_features(encoder, tokenizer, questions)  # noqa: E731
+        return Disco(model, processor, cfg.fed, disco=cfg.disco, encode_text=encode_text, server_cfg=cfg.server,
+                     log=log)
     if cfg.method in BASELINES:
         return BASELINES[cfg.method](model, processor, cfg.fed, baselines=cfg.baselines,
                                      aggregate_mode=cfg.disco.aggregate, server_cfg=cfg.server, log=log)
@@ -257,9 +293,16 @@ def main(argv=None, log=print):
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     root, base = prepare(cfg, log)
-    data = load_setting(root, setting, rng=np.random.default_rng([cfg.seed, 1]))
-    parts = partition_setting(data, cfg.fed.num_clients, beta=cfg.beta, min_size=cfg.fed.min_size,
-                              rng=np.random.default_rng([cfg.seed, 2]))
+    # the release's own client partition when it ships one for this beta (results then compare with the paper's),
+    # else our seeded Dirichlet partition
+    data, parts = load_release(root, setting, beta=cfg.beta, num_clients=cfg.fed.num_clients,
+                               rng=np.random.default_rng([cfg.seed, 1]), train_limit=cfg.train_limit,
+                               test_limit=cfg.test_limit)
+    if parts is None:
+        parts = partition_setting(data, cfg.fed.num_clients, beta=cfg.beta, min_size=cfg.fed.min_size,
+                                  rng=np.random.default_rng([cfg.seed, 2]))
+    else:
+        log(f"using the release's client partition for beta {cfg.beta:g} ({root}/partitioned_data)")
     save_partition(os.path.join(out, "partition.json"), parts)
     model, processor = build_model(base, cfg)
     strategy = make_strategy(cfg, model, processor, log)

@@ -105,35 +105,160 @@ def test_write_release_second_call_does_not_rewrite(tmp_path):
 
 
 # ---------------------------------------------------------------------------- synthetic: answer forms
-def answers(dataset, n=200):
-    return [a for _, _, a, _ in samples(dataset, n)]
+# Each answer is checked against the image it belongs to (read back from the pixels), not only its format.
+QUADRANTS = {"[0.00, 0.00, 0.50, 0.50]", "[0.50, 0.00, 1.00, 0.50]", "[0.00, 0.50, 0.50, 1.00]",
+             "[0.50, 0.50, 1.00, 1.00]"}
 
 
-@pytest.mark.parametrize("dataset", ["ArxivQA", "AOKVQA"])
-def test_multiple_choice_answers_are_option_letters(dataset):
-    assert set(answers(dataset)) <= set("abcd")
+def pixels(img):
+    return np.asarray(img).astype(int)                                               # (32, 32, 3)
 
 
-def test_multiple_choice_answer_letter_marks_an_option_in_the_question():
-    for _, q, a, _ in samples("ArxivQA", 100) + samples("AOKVQA", 100):
-        assert f"( {a} )" in q
+def color_mask(img, rgb):
+    return (pixels(img) == np.array(rgb)).all(-1)                                    # (32, 32)
 
 
-def test_figureqa_answers_are_yes_or_no():
-    assert set(answers("FigureQA")) == {"yes", "no"}
+def object_colors(img):
+    """The names of the object colors (synthetic.COLORS) that occur in the image."""
+    return {name for name, rgb in synthetic.COLORS.items() if color_mask(img, rgb).any()}
 
 
-def test_grounding_answers_are_normalised_boxes():
-    for a in answers("Grounding"):
-        m = re.fullmatch(r"\[([0-9.]+), ([0-9.]+), ([0-9.]+), ([0-9.]+)\]", a)
-        assert m, a
-        x1, y1, x2, y2 = map(float, m.groups())
-        assert all(0.0 <= v <= 1.0 for v in (x1, y1, x2, y2)) and x1 < x2 and y1 < y2, a
+def object_mask(img, background):
+    return ~color_mask(img, synthetic.BACKGROUNDS[background])
 
 
-@pytest.mark.parametrize("dataset", ["CLEVR-Math", "TabMWP", "DVQA"])
-def test_numeric_answers_are_integers(dataset):
-    assert all(re.fullmatch(r"-?\d+", a) for a in answers(dataset))
+def shows_die_face(mask, n):
+    """mask is exactly a die face of n dots, small (1 cell) or big (2x2 cells), on some grid cell."""
+    for span in (1, 2):
+        face = np.kron(synthetic.dots_mask(n), np.ones((span, span), bool))
+        for r in range(synthetic.GRID - span + 1):
+            for c in range(synthetic.GRID - span + 1):
+                placed = np.zeros_like(mask)
+                placed[8 * r:8 * (r + span), 8 * c:8 * (c + span)] = face
+                if np.array_equal(placed, mask):
+                    return True
+    return False
+
+
+def option_letters(question):
+    """{letter: option} of a multiple-choice question '... ( a ) red ( b ) green ...'."""
+    return dict(re.findall(r"\( ([a-e]) \) (\w+)", question))
+
+
+def test_arxivqa_letter_names_the_markers_color():
+    for img, q, a, _ in samples("ArxivQA", 200):
+        opts = option_letters(q)
+        assert list(opts) == list("abcd") and a in opts, (q, a)
+        assert object_colors(img) == {opts[a]}, (q, a)
+
+
+def test_aokvqa_letter_names_what_the_objects_color_resembles():
+    for img, q, a, _ in samples("AOKVQA", 200):
+        opts = option_letters(q)
+        assert list(opts) == list("abcd") and a in opts, (q, a)
+        (color,) = object_colors(img)
+        assert opts[a] == synthetic.RESEMBLES[color], (q, a, color)
+
+
+def color_to_letters(dataset, n=300):
+    out = {}
+    for img, _, a, _ in samples(dataset, n):
+        (color,) = object_colors(img)
+        out.setdefault(color, set()).add(a)
+    return out
+
+
+def test_multiple_choice_letter_is_a_function_of_the_color():
+    for dataset in ("ArxivQA", "AOKVQA"):
+        mapping = color_to_letters(dataset)
+        assert len(mapping) == 4 and all(len(v) == 1 for v in mapping.values()), (dataset, mapping)
+        assert set().union(*mapping.values()) == set("abcd"), (dataset, mapping)
+
+
+def test_arxivqa_and_aokvqa_give_one_color_different_letters():
+    arxiv, aok = color_to_letters("ArxivQA"), color_to_letters("AOKVQA")
+    shared = set(arxiv) & set(aok)
+    assert any(arxiv[c] != aok[c] for c in shared), (arxiv, aok)
+
+
+def test_iconqa_answer_is_the_dot_count():
+    seen = set()
+    for img, _, a, _ in samples("IconQA", 200):
+        assert a in {str(n) for n in range(1, 7)}, a
+        assert shows_die_face(object_mask(img, "beige"), int(a)), a
+        seen.add(a)
+    assert len(seen) == 6
+
+
+def test_clevr_math_answer_is_dots_minus_subtracted():
+    for img, q, a, _ in samples("CLEVR-Math", 200):
+        m = int(re.search(r"(?:subtract|take away|remove) (\d+)", q).group(1))
+        assert re.fullmatch(r"\d+", a) and int(a) >= 1, (q, a)
+        assert shows_die_face(object_mask(img, "black"), int(a) + m), (q, a)
+
+
+def test_ocr_vqa_answer_is_the_genre_of_the_cover_color():
+    for img, _, a, _ in samples("OCR-VQA", 200):
+        colors, counts = np.unique(pixels(img).reshape(-1, 3), axis=0, return_counts=True)
+        cover = tuple(colors[counts.argmax()])                                       # the background dominates
+        name = next(k for k, rgb in synthetic.COLORS.items() if rgb == cover)
+        assert a == synthetic.GENRES[name], (a, name)
+
+
+def test_figureqa_answer_says_whether_the_line_rises():
+    seen = set()
+    for img, _, a, _ in samples("FigureQA", 200):
+        assert a in ("yes", "no")
+        (color,) = object_colors(img)
+        ys, xs = np.nonzero(color_mask(img, synthetic.COLORS[color]))
+        left, right = ys[xs < 8].mean(), ys[xs >= 24].mean()                         # image y grows downwards
+        assert (a == "yes") == (left > right), a
+        seen.add(a)
+    assert seen == {"yes", "no"}
+
+
+def test_super_clevr_answers_the_color_or_the_size_asked():
+    kinds = set()
+    for img, q, a, _ in samples("super-CLEVR", 200):
+        ys, xs = np.nonzero(object_mask(img, "black"))
+        if "color" in q:
+            assert object_colors(img) == {a}, (q, a)
+            kinds.add("color")
+        else:
+            assert a in ("small", "big"), (q, a)
+            width = xs.max() - xs.min() + 1
+            assert (a == "big") == (width > synthetic.CELL), (q, a, width)           # big spans 2 cells
+            kinds.add("size")
+    assert kinds == {"color", "size"}
+
+
+def test_grounding_box_is_the_quadrant_of_the_named_object():
+    seen = set()
+    for img, q, a, _ in samples("Grounding", 200):
+        assert a in QUADRANTS, a
+        x1, y1, x2, y2 = (float(v) * synthetic.SIZE for v in re.findall(r"[0-9.]+", a))
+        ys, xs = np.nonzero(object_mask(img, "sky"))
+        assert x1 <= xs.min() and xs.max() < x2 and y1 <= ys.min() and ys.max() < y2, (q, a)
+        (color,) = object_colors(img)
+        assert color in q.split(), (q, color)
+        seen.add(a)
+    assert seen == QUADRANTS
+
+
+def test_dvqa_answer_is_ten_times_the_bar_height():
+    for img, _, a, _ in samples("DVQA", 200):
+        assert re.fullmatch(r"[1-8]0", a), a
+        (color,) = object_colors(img)
+        top = np.nonzero(color_mask(img, synthetic.COLORS[color]))[0].min()
+        assert int(a) == 10 * (synthetic.SIZE - top) // 4, (a, top)                  # one unit of height is 4 px
+
+
+def test_tabmwp_answer_is_money_plus_the_dots_in_the_table():
+    for img, q, a, _ in samples("TabMWP", 200):
+        m = int(re.search(r"(\d+) dollars", q).group(1))
+        cell = color_mask(img, synthetic.INK["black"])[8:16, 16:24]                  # the price cell, row 1 col 2
+        n = int(a) - m
+        assert 1 <= n <= 6 and np.array_equal(cell, synthetic.dots_mask(n)), (q, a)
 
 
 def test_flickr30k_test_records_carry_references_containing_the_answer(release):
@@ -153,6 +278,24 @@ def test_instruction_templates_differ_between_datasets():
         for y in qs:
             if x < y:
                 assert not qs[x] & qs[y], (x, y, qs[x] & qs[y])
+
+
+@pytest.mark.parametrize("dataset", list(synthetic.DATASETS))
+def test_every_dataset_paraphrases_its_instruction(dataset):
+    stems = {re.sub(r"\d+|\b(tom|ann|bob|eve)\b", "#", q) for q in questions(dataset, 100)}
+    assert len(stems) >= 2, stems
+
+
+def test_multiple_choice_options_are_fixed_per_dataset_and_differ_between_them():
+    opts = {d: {tuple(option_letters(q).values()) for q in questions(d, 100)} for d in ("ArxivQA", "AOKVQA")}
+    assert opts["ArxivQA"] == {tuple(synthetic.MARKERS)}
+    assert opts["AOKVQA"] == {tuple(synthetic.RESEMBLES.values())}
+
+
+def test_clevr_math_and_super_clevr_share_the_image_style():
+    for dataset in ("CLEVR-Math", "super-CLEVR"):
+        for img, _, _, _ in samples(dataset, 50):
+            assert color_mask(img, synthetic.BACKGROUNDS["black"]).mean() > 0.5, dataset
 
 
 def test_pretraining_mixture_contains_none_of_the_benchmark_questions():

@@ -1,0 +1,206 @@
+"""Tests for federated.py's pure functions: FedAvg, per-subspace aggregation (a client's update never leaves its
+subspace; SVD aggregation is the exact mean update), client sampling, the clients' tasks in Hom and Het settings,
+the optimizer's learning-rate groups, and one client's local training under a one-hot gate.
+Run: python -m pytest -q tests/test_federated.py"""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import synthetic
+from data import Example
+from federated import FedConfig, aggregate, fedavg, local_train, param_groups, round_jobs, sample_clients
+from lora import LoRAConfig, add_lora, lora_modules
+from model import ModelConfig, build_processor, build_tiny_llava, build_tokenizer
+
+# C clients, K subspaces, R rank, I d_in, O d_out
+C, K, R, I, O = 3, 3, 4, 6, 5
+PROJ = "model.multi_modal_projector.linear_1.weight"
+
+
+def random_state(seed, *, dtype=torch.float32):
+    """A state dict shaped like a client's: one LoRA layer with K subspaces and one projector weight."""
+    g = torch.Generator().manual_seed(seed)
+    return {"layer.A": torch.randn(K, R, I, generator=g, dtype=dtype),                  # (K, R, I)
+            "layer.B": torch.randn(K, O, R, generator=g, dtype=dtype),                  # (K, O, R)
+            PROJ: torch.randn(O, I, generator=g, dtype=dtype)}
+
+
+# ---------------------------------------------------------------------------- FedAvg
+def test_fedavg_of_identical_float32_states_is_bit_for_bit_the_state():
+    s = random_state(0)
+    out = fedavg([s, s, s], [1, 2, 7])
+    assert all(torch.equal(out[k], s[k]) and out[k].dtype == s[k].dtype for k in s)
+
+
+def test_fedavg_of_identical_float64_states_is_the_state_to_rounding():
+    s = random_state(0, dtype=torch.float64)
+    out = fedavg([s, s, s], [1, 2, 7])
+    for k in s:
+        torch.testing.assert_close(out[k], s[k], rtol=0, atol=1e-15)
+
+
+def test_fedavg_is_the_sample_count_weighted_mean():
+    states, n = [random_state(i) for i in range(C)], [10, 30, 60]
+    out = fedavg(states, n)
+    for k in states[0]:
+        expected = sum(n_i * s[k].double() for n_i, s in zip(n, states)) / sum(n)
+        torch.testing.assert_close(out[k].double(), expected, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- aggregation per subspace
+@pytest.mark.parametrize("mode", ["svd", "ab"])
+def test_aggregate_changes_only_the_routed_subspace(mode):
+    glob, states = random_state(100), [random_state(i) for i in range(C)]      # clients differ in every slot
+    new = aggregate(glob, states, [5, 3, 2], [1, 1, 1], mode=mode)
+    for key in ("layer.A", "layer.B"):
+        for k in (0, 2):
+            assert torch.equal(new[key][k], glob[key][k]), (key, k)
+        assert not torch.equal(new[key][1], glob[key][1]), key
+
+
+@pytest.mark.parametrize("mode", ["svd", "ab"])
+def test_aggregate_uses_only_the_clients_routed_to_each_subspace(mode):
+    glob, states, n = random_state(100), [random_state(i) for i in range(C)], [5, 3, 2]
+    new = aggregate(glob, states, n, [0, 2, 0], mode=mode)
+    # client 1 (subspace 2) moved alone: its slot 2 is the global one now; clients 0 and 2 never touch slot 2
+    alone = aggregate(glob, [states[1]], [n[1]], [2], mode=mode)
+    pair = aggregate(glob, [states[0], states[2]], [n[0], n[2]], [0, 0], mode=mode)
+    for key in ("layer.A", "layer.B"):
+        assert torch.equal(new[key][1], glob[key][1])
+        torch.testing.assert_close(new[key][2], alone[key][2], rtol=0, atol=1e-6)
+        torch.testing.assert_close(new[key][0], pair[key][0], rtol=0, atol=1e-6)
+
+
+def test_svd_aggregate_slot_is_the_weighted_mean_update_when_the_rank_allows():
+    glob, states, n = random_state(100), [random_state(i) for i in range(2)], [1, 3]
+    for s in states:                        # each client's slot-1 update has rank R/2: together rank R fits exactly
+        s["layer.A"][1, R // 2:] = 0
+    new = aggregate(glob, states, n, [1, 1], mode="svd")
+    dW = sum(n_i * (s["layer.B"][1].double() @ s["layer.A"][1].double()) for n_i, s in zip(n, states)) / sum(n)
+    torch.testing.assert_close((new["layer.B"][1] @ new["layer.A"][1]).double(), dW, rtol=0, atol=1e-5)
+
+
+def test_ab_aggregate_slot_averages_each_factor():
+    glob, states, n = random_state(100), [random_state(i) for i in range(2)], [1, 3]
+    new = aggregate(glob, states, n, [1, 1], mode="ab")
+    for key in ("layer.A", "layer.B"):
+        expected = (n[0] * states[0][key][1] + n[1] * states[1][key][1]) / sum(n)
+        torch.testing.assert_close(new[key][1], expected, rtol=0, atol=1e-6)
+
+
+def test_projector_is_fedavged_over_all_clients_whatever_their_subspace():
+    glob, states, n = random_state(100), [random_state(i) for i in range(C)], [5, 3, 2]
+    new = aggregate(glob, states, n, [0, 2, 1], mode="svd")
+    torch.testing.assert_close(new[PROJ], fedavg(states, n)[PROJ], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------- clients and their tasks
+def test_sample_clients_is_deterministic_for_a_seeded_rng():
+    a = sample_clients(50, 5, np.random.default_rng(3))
+    b = sample_clients(50, 5, np.random.default_rng(3))
+    assert np.array_equal(a, b)
+
+
+def test_sample_clients_draws_distinct_valid_ids():
+    for seed in range(20):
+        c = sample_clients(10, 4, np.random.default_rng(seed))
+        assert len(c) == 4 and len(set(c.tolist())) == 4 and all(0 <= int(x) < 10 for x in c)
+    # without replacement: asking for every client returns each exactly once
+    assert sorted(sample_clients(10, 10, np.random.default_rng(0)).tolist()) == list(range(10))
+
+
+def test_sample_clients_refuses_more_than_there_are():
+    with pytest.raises(ValueError, match=r"--clients-per-round 6 exceeds --clients 5"):
+        sample_clients(5, 6, np.random.default_rng(0))
+
+
+def fake_tasks(setting, num_clients=10):
+    """Per task: train examples named '<task>-<i>', and client c owns examples 2c and 2c + 1."""
+    tasks = {t: data.TaskData(t, train=[f"{t}-{i}" for i in range(2 * num_clients)]) for t in setting.tasks}
+    parts = {t: [np.array([2 * c, 2 * c + 1]) for c in range(num_clients)] for t in setting.tasks}
+    return tasks, parts
+
+
+@pytest.mark.parametrize("name", ["task-hom", "cap-hom"])
+def test_round_jobs_give_every_hom_slot_the_stages_task(name):
+    setting = data.get_setting(name)
+    tasks, parts = fake_tasks(setting)
+    clients = np.array([7, 0, 3, 9, 4])
+    for t in range(setting.num_stages):
+        jobs = round_jobs(setting, tasks, parts, t, clients)
+        assert [j[0] for j in jobs] == clients.tolist()
+        assert all(task == setting.tasks[t] for _, task, _ in jobs)
+        assert all(ex == [f"{task}-{2 * c}", f"{task}-{2 * c + 1}"] for c, task, ex in jobs)
+
+
+@pytest.mark.parametrize("name", ["task-het", "cap-het"])
+def test_round_jobs_give_het_slots_the_tasks_of_the_table_row(name):
+    setting = data.get_setting(name)
+    tasks, parts = fake_tasks(setting)
+    clients = np.array([7, 0, 3, 9, 4])
+    for t, row in enumerate(setting.slots):
+        jobs = round_jobs(setting, tasks, parts, t, clients)
+        assert [task for _, task, _ in jobs] == [setting.tasks[i] for i in row]
+        assert all(ex == [f"{task}-{2 * c}", f"{task}-{2 * c + 1}"] for c, task, ex in jobs)
+    # the paper's first Het row (fcit-paper-notes.md 1.2): ArxivQA, IconQA, OCR-VQA, Flickr30k, FigureQA
+    if name == "task-het":
+        first = [task for _, task, _ in round_jobs(setting, tasks, parts, 0, clients)]
+        assert first == ["ArxivQA", "IconQA", "OCR-VQA", "Flickr30k", "FigureQA"]
+
+
+# ---------------------------------------------------------------------------- a tiny LLaVA with K LoRA subspaces
+SYSTEM = "a chat between a human and an assistant ."
+
+
+@pytest.fixture(scope="module")
+def examples(tmp_path_factory):
+    """Four examples of two synthetic datasets, images written to disk as the loader's Examples point to them."""
+    root, rng, out = tmp_path_factory.mktemp("fed"), np.random.default_rng(0), []
+    for i, name in enumerate(["IconQA", "IconQA", "OCR-VQA", "OCR-VQA"]):
+        img, q, a, _ = synthetic.sample(name, rng)
+        img.save(root / f"{i}.png")
+        out.append(Example(f"{name}-{i}", str(root / f"{i}.png"), "<image>\n" + q, a))
+    return out
+
+
+def tiny_lora_llava(examples, *, K=K):
+    tokenizer = build_tokenizer([e.question for e in examples] + [e.answer for e in examples]
+                                + [SYSTEM, "user : assistant :"])
+    cfg = ModelConfig(width=32, layers=1, heads=4, ffn=64, vision_width=32, vision_layers=1)
+    model = build_tiny_llava(tokenizer, cfg)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    add_lora(model, LoRAConfig(num_subspaces=K, rank=2, dropout=0.0), generator=torch.Generator().manual_seed(0))
+    for p in model.model.multi_modal_projector.parameters():
+        p.requires_grad_(True)
+    with torch.no_grad():                   # B != 0, so the loss reaches every factor of an active subspace
+        for m in lora_modules(model).values():
+            m.B.normal_(0, 0.1)
+    return model.eval(), build_processor(tokenizer, cfg)
+
+
+def test_param_groups_put_the_projector_at_projector_lr_and_the_rest_at_lr(examples):
+    model, _ = tiny_lora_llava(examples)
+    cfg = FedConfig(lr=1e-3, projector_lr=1e-4)
+    by_lr = {g["peak_lr"]: {id(p) for p in g["params"]} for g in param_groups(model, cfg)}
+    projector = {id(p) for p in model.model.multi_modal_projector.parameters()}
+    lora = {id(p) for m in lora_modules(model).values() for p in (m.A, m.B)}
+    assert by_lr == {1e-4: projector, 1e-3: lora}
+
+
+def test_local_train_with_a_one_hot_gate_changes_only_that_subspace(examples):
+    model, processor = tiny_lora_llava(examples)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    k = 1
+    state, loss = local_train(model, processor, examples, gate=torch.nn.functional.one_hot(torch.tensor(k), K).float(),
+                              cfg=FedConfig(batch_size=2, lr=1e-2, system=SYSTEM), rng=np.random.default_rng(0))
+    assert math.isfinite(loss) and loss > 0
+    lora_keys = [n for n in before if n.endswith(".A") or n.endswith(".B")]
+    assert lora_keys and set(state) == set(before)
+    for n in lora_keys:
+        assert not torch.equal(state[n][k], before[n][k]), n
+        for other in set(range(K)) - {k}:
+            assert torch.equal(state[n][other], before[n][other]), (n, other)

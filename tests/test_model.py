@@ -1,0 +1,154 @@
+"""Tests for model.py on a tiny LLaVA (1 layer, width 32): the word-level tokenizer, the vicuna_v1 prompt, the
+answer-only labels and the padding sides of `collate`, the frozen instruction features, generation, and the
+save_pretrained / load_llava round trip.
+Run: python -m pytest -q tests/test_model.py"""
+import re
+
+import pytest
+import torch
+from PIL import Image
+
+from model import (ModelConfig, build_processor, build_tiny_llava, build_tokenizer, collate, generate,
+                   instruction_features, load_llava, prompt)
+
+# B batch, T tokens, D width, P image tokens
+SYSTEM = "a chat between a human and an assistant ."
+TEXTS = ["how many dots are on the icon ?", "what is the genre of this book ?", "romance", "3",
+         "please give the bounding box of the red circle .", "[0.00, 0.50, 0.50, 1.00]", SYSTEM, "user : assistant :"]
+CFG = ModelConfig(width=32, layers=1, heads=4, ffn=64, vision_width=32, vision_layers=1)
+P = (CFG.image_size // CFG.patch_size) ** 2                 # image tokens per image: one per patch, no CLS
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tokenizer = build_tokenizer(TEXTS)
+    return build_tiny_llava(tokenizer, CFG).eval(), build_processor(tokenizer, CFG)
+
+
+def images(n):
+    return [Image.new("RGB", (32, 32), (40 * i, 100, 200)) for i in range(n)]
+
+
+# ---------------------------------------------------------------------------- tokenizer and prompt
+def test_tokenizer_round_trips_words():
+    tok = build_tokenizer(TEXTS)
+    for text in TEXTS[:5]:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.unk_token_id not in ids and tok.decode(ids) == text
+
+
+def test_tokenizer_keeps_image_as_one_special_token():
+    tok = build_tokenizer(TEXTS)
+    ids = tok("<image>\nhow many dots ?", add_special_tokens=False)["input_ids"]
+    image_id = tok.convert_tokens_to_ids("<image>")
+    assert image_id != tok.unk_token_id and "<image>" in tok.all_special_tokens
+    assert ids[0] == image_id and ids.count(image_id) == 1
+    assert tok.convert_ids_to_tokens(ids) == ["<image>", "how", "many", "dots", "?"]
+
+
+def test_tokenizer_lower_cases():
+    tok = build_tokenizer(["What IS the Genre ?"])
+    assert tok("WHAT is THE genre ?")["input_ids"] == tok("what is the genre ?")["input_ids"]
+    assert tok.unk_token_id not in tok("what is the genre ?", add_special_tokens=False)["input_ids"]
+
+
+def test_prompt_is_vicuna_v1():
+    assert prompt("how many dots ?", "sys .") == "sys . USER: <image>\nhow many dots ? ASSISTANT:"
+    assert prompt("<image>\nhow many dots ?", "sys .") == "sys . USER: <image>\nhow many dots ? ASSISTANT:"
+
+
+# ---------------------------------------------------------------------------- collate
+QUESTIONS = ["<image>\nhow many dots are on the icon ?", "<image>\nwhat is the genre of this book ?"]
+ANSWERS = ["3", "[0.00, 0.50, 0.50, 1.00]"]
+
+
+def test_collate_labels_exactly_the_answer_tokens_and_eos(tiny):
+    _, processor = tiny
+    tok = processor.tokenizer
+    b = collate(processor, images(2), QUESTIONS, ANSWERS, system=SYSTEM)
+    for i, a in enumerate(ANSWERS):
+        target = tok(" " + a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        on = (b["labels"][i] != -100).nonzero().flatten()                             # labelled positions
+        assert b["labels"][i, on].tolist() == target and b["input_ids"][i, on].tolist() == target
+        assert on.tolist() == list(range(on[0], on[0] + len(target)))               # contiguous
+        assert int(on[-1]) + 1 == int(b["attention_mask"][i].sum())                 # eos is the last real token
+
+
+def test_collate_right_pads_for_training(tiny):
+    _, processor = tiny
+    b = collate(processor, images(2), QUESTIONS, ANSWERS, system=SYSTEM)
+    for ids, mask in zip(b["input_ids"], b["attention_mask"]):
+        n = int(mask.sum())
+        assert mask[:n].all() and not mask[n:].any()
+        assert (ids[n:] == processor.tokenizer.pad_token_id).all()
+    assert not b["attention_mask"].all()                                            # the answers differ in length
+
+
+def test_collate_left_pads_for_generation(tiny):
+    _, processor = tiny
+    b = collate(processor, images(2), ["how many dots ?", "what is the genre of this book ?"], system=SYSTEM)
+    assert (b["labels"] == -100).all()
+    for ids, mask in zip(b["input_ids"], b["attention_mask"]):
+        pad = len(mask) - int(mask.sum())
+        assert not mask[:pad].any() and mask[pad:].all()
+        assert (ids[:pad] == processor.tokenizer.pad_token_id).all()
+    assert not b["attention_mask"][:, 0].all() and b["attention_mask"][:, -1].all()
+
+
+def test_collate_expands_image_to_one_token_per_patch(tiny):
+    model, processor = tiny
+    b = collate(processor, images(2), QUESTIONS, ANSWERS, system=SYSTEM)
+    image_id = model.config.image_token_index
+    assert ((b["input_ids"] == image_id).sum(1) == P).all()
+    assert b["pixel_values"].shape == (2, 3, CFG.image_size, CFG.image_size)
+
+
+# ---------------------------------------------------------------------------- instruction features
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_instruction_features_ignore_padding_and_the_image_token(tiny, side):
+    model, processor = tiny
+    short, long = "<image>\nhow many dots ?", "<image>\nplease give the bounding box of the red circle ."
+    old, processor.tokenizer.padding_side = processor.tokenizer.padding_side, side
+    try:
+        alone = instruction_features(model, processor, [short])                     # (1, D)
+        batched = instruction_features(model, processor, [long, short])              # (2, D)
+        plain = instruction_features(model, processor, ["how many dots ?"])
+    finally:
+        processor.tokenizer.padding_side = old
+    torch.testing.assert_close(batched[1:], alone, rtol=0, atol=1e-6)
+    torch.testing.assert_close(plain, alone, rtol=0, atol=0)
+
+
+def test_instruction_features_are_deterministic_with_shape_n_by_d(tiny):
+    model, processor = tiny
+    qs = QUESTIONS + ["romance"]
+    a, b = instruction_features(model, processor, qs), instruction_features(model, processor, qs)
+    assert a.shape == (3, CFG.width) and torch.equal(a, b)
+    assert not torch.allclose(a[0], a[1])
+
+
+# ---------------------------------------------------------------------------- generation and loading
+def test_generate_returns_one_string_per_input(tiny):
+    model, processor = tiny
+    out = generate(model, processor, images(3), ["how many dots ?", "what is the genre of this book ?", "3"],
+                   system=SYSTEM, max_new_tokens=3)
+    assert len(out) == 3 and all(isinstance(s, str) for s in out)
+
+
+def test_save_pretrained_then_load_llava_gives_identical_logits(tiny, tmp_path):
+    model, processor = tiny
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded, loaded_processor = load_llava(str(tmp_path))
+    questions = ["<image>\nHOW many DOTS are on the icon ?", QUESTIONS[1]]          # lower-casing survives too
+    b = collate(processor, images(2), questions, ANSWERS, system=SYSTEM)
+    b2 = collate(loaded_processor, images(2), questions, ANSWERS, system=SYSTEM)
+    assert all(torch.equal(b[k], b2[k]) for k in b)
+    with torch.no_grad():
+        assert torch.equal(model(**b).logits, loaded.eval()(**b2).logits)
+
+
+def test_load_llava_without_config_names_the_folder_and_the_file(tmp_path):
+    folder = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=re.escape(folder) + r".*config\.json"):
+        load_llava(folder)
