@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from federated import Strategy, aggregate, fedavg, load_state, make_batch, trainable_state
-from lora import LoRAConfig, LoRALinear, _expand_gate, lora_modules
+from lora import LoRAConfig, LoRALinear, _expand_gate, add_lora, lora_modules
 from model import answer_loss
 
 # B batch, T tokens, V vocabulary, D_in / D_out widths, R rank per subspace, K subspaces (E experts), N examples
@@ -266,16 +266,7 @@ class MoELoRALinear(LoRALinear):
 
 def add_moelora(model: nn.Module, cfg: LoRAConfig, *, generator: torch.Generator | None = None) -> list[str]:
     """lora.add_lora with MoELoRALinear layers (K = E experts): the same targets, the same draws of A for a seed."""
-    found = [(name, module) for name, module in model.named_modules()
-             if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in cfg.targets]
-    if not found:
-        raise ValueError(f"baselines.py: no nn.Linear named one of {cfg.targets} in {type(model).__name__}")
-    for name, linear in found:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, MoELoRALinear(linear, num_subspaces=cfg.num_subspaces, rank=cfg.rank, alpha=cfg.alpha,
-                                             dropout=cfg.dropout, init_std=cfg.init_std, generator=generator))
-    return [name for name, _ in found]
+    return add_lora(model, cfg, generator=generator, layer=MoELoRALinear)
 
 
 class MoELoRA(Baseline):

@@ -105,9 +105,10 @@ def _expand_gate(gate: torch.Tensor, x: torch.Tensor, rank: int) -> torch.Tensor
 # Wrapping a model
 
 
-def add_lora(model: nn.Module, cfg: LoRAConfig, *, generator: torch.Generator | None = None) -> list[str]:
-    """Replace every nn.Linear child whose attribute name is in cfg.targets by a LoRALinear around it.
-    Returns the wrapped module names in named_modules order. Freezes only the wrapped base weights."""
+def add_lora(model: nn.Module, cfg: LoRAConfig, *, generator: torch.Generator | None = None,
+             layer: type = LoRALinear) -> list[str]:
+    """Replace every nn.Linear child whose attribute name is in cfg.targets by a LoRALinear (or a subclass given as
+    `layer`) around it. Returns the wrapped module names in named_modules order. Freezes only the wrapped weights."""
     found = [(name, module) for name, module in model.named_modules()
              if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in cfg.targets]
     if not found:
@@ -117,8 +118,8 @@ def add_lora(model: nn.Module, cfg: LoRAConfig, *, generator: torch.Generator | 
     for name, linear in found:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRALinear(linear, num_subspaces=cfg.num_subspaces, rank=cfg.rank, alpha=cfg.alpha,
-                                          dropout=cfg.dropout, init_std=cfg.init_std, generator=generator))
+        setattr(parent, child, layer(linear, num_subspaces=cfg.num_subspaces, rank=cfg.rank, alpha=cfg.alpha,
+                                     dropout=cfg.dropout, init_std=cfg.init_std, generator=generator))
     return [name for name, _ in found]
 
 

@@ -6,8 +6,11 @@ vocabulary. Like LLaVA-1.5 before instruction tuning, the base is pretrained (al
 data (synthetic.pretraining_mixture) and saved with `save_pretrained`, so the very same `load_llava(dir)` reads
 it or a real `llava-hf/llava-1.5-7b-hf` folder. Prompts follow vicuna_v1 (notes 1.5):
     "{system} USER: <image>\\n{question} ASSISTANT: {answer}</s>"      loss on the answer tokens only.
+DISCO's frozen text encoders live here too: the tiny base's own word embeddings (instruction_features) and, for the
+real benchmark, CLIP's pooled text output (clip_text_features), as the paper's code.
 
-    python model.py --out .cache/fcit/base-seed0        # pretrain the tiny base (a few minutes on 2 cores)
+    python model.py --out .cache/fcit/base-v7-seed0-57600   # pretrain the tiny base (~3 minutes on 2 cores)
+    python model.py --out DIR --probe                       # its greedy accuracy on held-out pretraining questions
 Tests: python -m pytest tests/test_model.py
 """
 import argparse

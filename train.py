@@ -2,6 +2,7 @@
 
     python train.py --setting task-hom                       # DISCO on the embedded benchmark (minutes, CPU)
     python train.py --setting task-het --method finetune --beta 0.5 --seed 1
+    python train.py --data ROOT --model LLAVA --text-encoder CLIP --preset paper --device cuda   # the real benchmark
 
 Writes OUT/results.json (accuracy matrix, Last, Avg, forgetting, the resolved config), OUT/accuracy.png,
 OUT/partition.json, OUT/config.json and, for DISCO, OUT/activation.png. A checkpoint after every round lets an
@@ -21,6 +22,7 @@ import time
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from transformers.utils import logging as hf_logging
 
 import fcit
 import metrics
@@ -283,6 +285,7 @@ def write_results(out, cfg, setting, history, wall, log):
 
 # ---------------------------------------------------------------------------- main
 def main(argv=None, log=print):
+    hf_logging.disable_progress_bar()                                  # our progress lines, not loading bars
     args = parse_args(argv)
     cfg = resolve(args)
     setting = get_setting(cfg.setting)
