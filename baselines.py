@@ -48,8 +48,8 @@ from model import answer_loss
 
 @dataclass
 class BaselineConfig:
-    # lambda of EWC's penalty. Measured on the default tiny base: one local epoch on a new task moves the weights
-    # by sum F (theta - theta*)^2 ~ 6e-4, so lambda 1e3 makes the penalty ~0.3 against a task loss around 1
+    # lambda of EWC's penalty: set so that after one local epoch on a new task the penalty is of the order of the
+    # task loss (sum F (theta - theta*)^2 was ~6e-4 on an earlier tiny base; not re-tuned since, see README)
     ewc_lambda: float = 1e3
     fisher_examples: int = 32  # per client of the stage's last round: one backward each (empirical Fisher)
     lwf_lambda: float = 1.0  # weight of LwF's distillation term (Li & Hoiem: 1)

@@ -373,7 +373,8 @@ def run_continual(model, processor, setting, data, parts, strategy, cfg: FedConf
         seen = setting.seen_tasks(t)
         acc, acc_d, gates = evaluate_tasks(model, processor, data, seen, strategy, cfg)
         p.history["acc"].append(acc), p.history["acc_datasets"].append(acc_d), p.history["gates"].append(gates)
-        p.history["subspaces"].append(len(strategy.cache) if getattr(strategy, "cache", None) is not None else 1)
+        if isinstance(strategy, Disco):                                  # DKO's count; other methods have none
+            p.history["subspaces"].append(len(strategy.cache))
         log(f"after stage {t + 1}: " + ", ".join(f"{k} {v:.1f}" for k, v in acc.items())
             + f" | mean {np.mean(list(acc.values())):.1f}")
         p.stage, p.round = t + 1, 0

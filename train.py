@@ -261,7 +261,7 @@ def write_results(out, cfg, setting, history, wall, log):
     summary = metrics.summarize(history["acc"])
     res = {"setting": cfg.setting, "method": cfg.method, "beta": cfg.beta, "seed": cfg.seed, "tasks": setting.tasks,
            "acc": history["acc"], "acc_datasets": history["acc_datasets"], **summary,
-           "subspaces": history.get("subspaces"), "wall_seconds": round(wall, 1), "config": dataclasses.asdict(cfg)}
+           "subspaces": history.get("subspaces") or None, "wall_seconds": round(wall, 1), "config": dataclasses.asdict(cfg)}
     if cfg.method == "disco" and history["gates"]:
         final = history["gates"][-1]                                      # task -> mean gate over subspaces
         res["gates"] = final
