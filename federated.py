@@ -67,14 +67,13 @@ def load_state(model, state):
             params[n].copy_(v)
 
 
-def batches(examples, batch_size, rng):
-    order = rng.permutation(len(examples))
-    for i in range(0, len(order), batch_size):
-        yield [examples[j] for j in order[i:i + batch_size]]
-
-
 def batches_of(items, size):
     return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def batches(examples, batch_size, rng):
+    """One local epoch: the client's examples in a random order, cut into batches."""
+    return batches_of([examples[j] for j in rng.permutation(len(examples))], batch_size)
 
 
 def make_batch(processor, examples, system, device=None, dtype=None):
