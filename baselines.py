@@ -13,17 +13,17 @@ LoRA layout or to the server differs.
            z_old: the previous stage's global model on the client's current data. Only its trainable state is kept.
   olora    O-LoRA (Wang et al., Findings of EMNLP 2023, arXiv:2310.14152, sec. 3):
                L = L_task + lambda_1 sum_{j < t} ||A_t A_j^T||_1     over every LoRA layer  (lambda_1 = 0.5)
-           one LoRA subspace per stage (K = stages, rank = total rank / K); stage t trains subspace t; inference
-           sums all subspaces. The L1 norm is the official code's (absolute sum of the entries).
+           one LoRA subspace per stage (K = stages, rank = total rank / K); stage t trains subspace t beside the
+           frozen subspaces of the earlier stages, switched on; inference sums all subspaces. The L1 norm is the official code's (absolute sum of the entries).
   moelora  MoELoRA (Luo et al. 2024, arXiv:2402.12851; the dense variant of CoIN, Chen et al. 2024, arXiv:2403.08350):
                h = W0 x + s sum_e a_e(x) B_e A_e x,     a(x) = softmax(x W_r),  W_r (D_in, E), per token
            E experts at DISCO's subspace rank; every client trains every expert and the router; FedAvg of all.
            No top-k routing and no auxiliary (balance, contrastive) loss.
 
 Where we depart from the originals, on purpose:
-  - O-LoRA's official forward keeps the frozen old LoRAs switched on while the new one trains; here the old
-    subspaces are gated off during training (a one-hot train gate, as DISCO trains), which freezes them exactly
-    (zero gradient, weight decay 0) without gradient hooks. All subspaces are summed at inference, as in O-LoRA.
+  - O-LoRA freezes the old LoRAs by keeping them out of the optimizer; here they are in it (one state layout for
+    every method) and a gradient mask on A and B gives them exactly zero gradient, so AdamW (weight decay 0) never
+    moves them. As in O-LoRA they stay switched on while the new one trains, and all are summed at inference.
   - EWC's Fisher is estimated when the stage's last round has been aggregated (by that round's clients, at the
     new global weights) and kept in the strategy's state, so a checkpoint taken before `end_stage` keeps it.
 
@@ -219,14 +219,31 @@ def orthogonality_loss(A: Tensor, slot: int) -> Tensor:
 
 
 class OLoRA(Baseline):
-    """K = stages subspaces; stage t trains subspace min(t, K - 1) (one-hot train gate); inference sums them all."""
+    """K = stages subspaces; stage t trains subspace k = min(t, K - 1) with subspaces 0..k-1 on and frozen, so the new
+    one learns beside what inference will add to it; inference sums them all."""
     name = "olora"
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.hooks = []
 
     def slot(self, stage):
         return min(stage, self.num_slots() - 1)
 
     def assign(self, stage, jobs):
+        self.freeze_before(self.slot(stage))
         return [self.slot(stage)] * len(jobs)
+
+    def train_gate(self, subspace):
+        return (torch.arange(self.num_slots()) <= subspace).float()  # (K,): old and new on, later slots off
+
+    def freeze_before(self, k):
+        """Subspaces j < k get exactly zero gradient from now on (a mask on the gradients of A and B)."""
+        for h in self.hooks:
+            h.remove()
+        keep = (torch.arange(self.num_slots()) >= k).float()  # (K,)
+        mask = lambda g: g * keep.to(g).view(-1, *[1] * (g.dim() - 1))  # (K, ...) per-subspace rows
+        self.hooks = [p.register_hook(mask) for m in lora_modules(self.model).values() for p in (m.A, m.B)]
 
     def extra_loss(self, stage):
         k, lam = self.slot(stage), self.hp.olora_lambda

@@ -115,16 +115,30 @@ def test_lwf_teacher_pass_writes_no_parameter_and_keeps_the_task_graph_valid():
 
 
 # ---------------------------------------------------------------------------- O-LoRA
-def test_olora_old_subspaces_receive_exactly_zero_gradient():
-    K, slot = 3, 2
+def test_olora_old_subspaces_are_on_but_receive_exactly_zero_gradient():
+    K, stage = 3, 1
     model = tiny_llama(K=K).train()
-    with gated(model, F.one_hot(torch.tensor(slot), K).float()):  # OLoRA's train gate for stage 2
+    for m in lora_modules(model).values():  # old subspaces with a nonzero update, so that they shape the forward
+        torch.nn.init.normal_(m.B, std=0.1)
+    strategy = OLoRA(model, None, FedConfig())
+    slot = strategy.assign(stage, [None])[0]
+    gate = strategy.train_gate(slot)
+    assert gate.tolist() == [1.0, 1.0, 0.0]  # old on, new on, later off
+    with gated(model, gate):
         loss = answer_loss(model, make_batch())
-        loss = loss + 0.5 * sum(orthogonality_loss(m.A, slot) for m in lora_modules(model).values())
-    loss.backward()
+    (loss + strategy.extra_loss(stage)(model, None)).backward()
     for m in lora_modules(model).values():
         assert torch.count_nonzero(m.A.grad[:slot]) == 0 and torch.count_nonzero(m.B.grad[:slot]) == 0
         assert m.A.grad[slot].abs().sum() > 0 and m.B.grad[slot].abs().sum() > 0
+    # the old subspace is on: switching it off changes the loss the new one is trained on
+    with torch.no_grad(), gated(model, torch.tensor([0.0, 1.0, 0.0])):
+        assert not torch.isclose(answer_loss(model, make_batch()), loss)
+    strategy.assign(2, [None])  # the next stage freezes subspace 1 too, and only then
+    model.zero_grad()
+    with gated(model, strategy.train_gate(2)):
+        answer_loss(model, make_batch()).backward()
+    for m in lora_modules(model).values():
+        assert torch.count_nonzero(m.B.grad[:2]) == 0 and m.B.grad[2].abs().sum() > 0
 
 
 def test_orthogonality_loss_is_zero_for_orthogonal_subspaces():
