@@ -14,7 +14,8 @@ LoRA layout or to the server differs.
   olora    O-LoRA (Wang et al., Findings of EMNLP 2023, arXiv:2310.14152, sec. 3):
                L = L_task + lambda_1 sum_{j < t} ||A_t A_j^T||_1     over every LoRA layer  (lambda_1 = 0.5)
            one LoRA subspace per stage (K = stages, rank = total rank / K); stage t trains subspace t beside the
-           frozen subspaces of the earlier stages, switched on; inference sums all subspaces. The L1 norm is the official code's (absolute sum of the entries).
+           frozen subspaces of the earlier stages, switched on; inference sums all subspaces. The L1 norm is the
+           official code's (absolute sum of the entries).
   moelora  MoELoRA (Luo et al. 2024, arXiv:2402.12851; the dense variant of CoIN, Chen et al. 2024, arXiv:2403.08350):
                h = W0 x + s sum_e a_e(x) B_e A_e x,     a(x) = softmax(x W_r),  W_r (D_in, E), per token
            E experts at DISCO's subspace rank; every client trains every expert and the router; FedAvg of all.

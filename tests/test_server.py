@@ -129,7 +129,7 @@ def test_unknown_server_name_is_refused():
         server.ServerConfig("fedsgd")
 
 
-@pytest.mark.parametrize("setting", ["task-hom", "cap-het"])
+@pytest.mark.parametrize("setting", ["task-hom", "task-het", "cap-hom", "cap-het"])
 @pytest.mark.parametrize("name", SERVERS)
 def test_every_server_runs(tiny_cache, tmp_path, setting, name):
     flags = ["--server", name] + (["--aggregate", "ab"] if name in STATEFUL else [])
