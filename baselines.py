@@ -63,7 +63,7 @@ def add_losses(*fns):
     fns = [f for f in fns if f is not None]
     if len(fns) <= 1:
         return fns[0] if fns else None
-    return lambda model, batch: sum(f(model, batch) for f in fns)
+    return lambda model, batch, outputs=None: sum(f(model, batch, outputs) for f in fns)
 
 
 class Baseline(Strategy):
@@ -96,8 +96,8 @@ def fisher_diagonal(model, batches, loss_fn=answer_loss) -> tuple[dict[str, Tens
 
 
 def ewc_penalty(fisher: dict[str, Tensor], anchor: dict[str, Tensor], *, lam: float):
-    """(model, batch) -> (lambda / 2) sum_i F_i (theta_i - theta*_i)^2 over the parameters in `fisher`."""
-    def loss(model, batch):
+    """(model, batch, outputs) -> (lambda / 2) sum_i F_i (theta_i - theta*_i)^2 over the parameters in `fisher`."""
+    def loss(model, batch, outputs=None):
         params = dict(model.named_parameters())
         return 0.5 * lam * sum((F_k * (params[k].float() - anchor[k].float()).square()).sum()
                                for k, F_k in fisher.items())
@@ -172,18 +172,19 @@ def distillation_loss(student: Tensor, teacher: Tensor, labels: Tensor, *, tempe
 
 
 def lwf_loss(teacher: dict[str, Tensor], *, lam: float, temperature: float):
-    """(model, batch) -> lambda * distillation of the teacher's answer distribution into the model. The teacher is
-    the same model with `teacher` in place of its trainable parameters (torch.func.functional_call), so no copy of
-    the model is made and the parameters are never written to (an in-place swap would invalidate the autograd
-    graph of the task loss computed just before)."""
-    def loss(model, batch):
+    """(model, batch, outputs) -> lambda * distillation of the teacher's answer distribution into the model. The
+    student's logits are those of the task loss's forward (`outputs`, passed by local_train; recomputed if absent).
+    The teacher is the same model with `teacher` in place of its trainable parameters (torch.func.functional_call),
+    so no copy of the model is made and the parameters are never written to (an in-place swap would invalidate the
+    autograd graph of the task loss computed just before)."""
+    def loss(model, batch, outputs=None):
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         training = model.training
         model.eval()  # a deterministic teacher: no LoRA dropout
         with torch.no_grad():
             z_old = torch.func.functional_call(model, teacher, args=(), kwargs=inputs).logits  # (B, T, V)
         model.train(training)
-        z = model(**inputs).logits  # (B, T, V)
+        z = (outputs if outputs is not None else model(**inputs)).logits  # (B, T, V)
         return lam * distillation_loss(z, z_old, batch["labels"], temperature=temperature)
     return loss
 
@@ -249,7 +250,7 @@ class OLoRA(Baseline):
     def extra_loss(self, stage):
         k, lam = self.slot(stage), self.hp.olora_lambda
         own = None if k == 0 else (
-            lambda model, batch: lam * sum(orthogonality_loss(m.A, k) for m in lora_modules(model).values()))
+            lambda model, batch, outputs=None: lam * sum(orthogonality_loss(m.A, k) for m in lora_modules(model).values()))
         return add_losses(super().extra_loss(stage), own)
 
 

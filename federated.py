@@ -24,7 +24,7 @@ import metrics
 import server
 from data import METRIC, read_image
 from lora import gated, lora_modules
-from model import answer_loss, collate, cosine_lr, generate, image_features, instruction_features, to_device
+from model import collate, cosine_lr, generate, image_features, instruction_features, to_device
 
 # B batch, K subspaces, R rank, D feature width
 
@@ -120,9 +120,10 @@ def local_train(model, processor, examples, *, gate, cfg: FedConfig, rng, extra_
                 tokens = [answer_tokens(b) for b in parts]
                 for batch, n in zip(parts, tokens):
                     batch = to_device(batch, model.device, model.dtype)
-                    loss = answer_loss(model, batch)
+                    outputs = model(**batch)                     # one forward: the task loss, and the logits an
+                    loss = outputs.loss                          # extra term may need (LwF's student)
                     if extra_loss is not None:
-                        loss = loss + extra_loss(model, batch)
+                        loss = loss + extra_loss(model, batch, outputs)
                     w = n / sum(tokens)
                     (w * loss).backward()
                     total += w * loss.item()
@@ -153,17 +154,17 @@ def aggregate(global_state, states, weights, subspaces, *, mode, log=None):
     if other:
         new.update(fedavg([{k: s[k] for k in other} for s in states], weights))
     dropped = []
-    for k_sub in sorted(set(subspaces)):
-        idx = [i for i, s in enumerate(subspaces) if s == k_sub]
-        w = torch.tensor([float(weights[i]) for i in idx])
-        for name in {k[:-2] for k in lora_keys}:
-            A, B = new[name + ".A"].clone(), new[name + ".B"].clone()         # (K, R, I), (K, O, R)
+    routed = {k_sub: [i for i, s in enumerate(subspaces) if s == k_sub] for k_sub in sorted(set(subspaces))}
+    for name in sorted({k[:-2] for k in lora_keys}):
+        A, B = new[name + ".A"].clone(), new[name + ".B"].clone()             # (K, R, I), (K, O, R)
+        for k_sub, idx in routed.items():
             a, b, e = fcit.aggregate_subspace([states[i][name + ".A"][k_sub] for i in idx],
-                                              [states[i][name + ".B"][k_sub] for i in idx], w,
+                                              [states[i][name + ".B"][k_sub] for i in idx],
+                                              torch.tensor([float(weights[i]) for i in idx]),
                                               rank=A.shape[1], mode=mode)
             A[k_sub], B[k_sub] = a, b
-            new[name + ".A"], new[name + ".B"] = A, B
             dropped.append(e)
+        new[name + ".A"], new[name + ".B"] = A, B
     if log and mode == "svd" and dropped:
         log(f"  svd aggregation dropped {100 * float(np.mean(dropped)):.2f}% of the update energy (mean over layers)")
     return new
@@ -190,8 +191,9 @@ class Strategy:
         return torch.nn.functional.one_hot(torch.tensor(subspace), self.num_slots()).float()     # (K,)
 
     def extra_loss(self, stage):
-        """A term added to every local loss: FedProx's proximal term. The loop asks right after loading the global
-        state into the model, so the model's trainable state is w_global."""
+        """A term added to every local loss, (model, batch, outputs of the task loss's forward) -> scalar: here
+        FedProx's proximal term. The loop asks right after loading the global state into the model, so the model's
+        trainable state is w_global."""
         if self.server_cfg.name == "fedprox":
             return server.proximal_loss(trainable_state(self.model), mu=self.server_cfg.mu)
         return None
@@ -212,6 +214,10 @@ class Strategy:
 
     def eval_gate(self, examples):
         return None                                                   # all subspaces on
+
+    def open_subspaces(self):
+        """How many subspaces the method has opened so far (DKO's statistic); None where it opens none."""
+        return None
 
     def state(self):
         return {f"server.{k}": v for k, v in self.server_state.items()}
@@ -263,6 +269,9 @@ class Disco(Strategy):
         a = fcit.activation_weights(self.features(examples), self.cache.tokens, temperature=self.disco.temperature,
                                     mode=self.disco.activation)                                 # (B, K_open)
         return fcit.pad_gate(a, self.num_slots())                                               # (B, K)
+
+    def open_subspaces(self):
+        return 0 if self.cache is None else len(self.cache)
 
     def state(self):
         cache = {} if self.cache is None else {"disco.tokens": self.cache.tokens, "disco.counts": self.cache.counts}
@@ -372,8 +381,9 @@ def run_continual(model, processor, setting, data, parts, strategy, cfg: FedConf
         seen = setting.seen_tasks(t)
         acc, acc_d, gates = evaluate_tasks(model, processor, data, seen, strategy, cfg)
         p.history["acc"].append(acc), p.history["acc_datasets"].append(acc_d), p.history["gates"].append(gates)
-        if isinstance(strategy, Disco):                                  # DKO's count; other methods have none
-            p.history["subspaces"].append(len(strategy.cache))
+        opened = strategy.open_subspaces()                               # DKO's count; None for other methods
+        if opened is not None:
+            p.history["subspaces"].append(opened)
         log(f"after stage {t + 1}: " + ", ".join(f"{k} {v:.1f}" for k, v in acc.items())
             + f" | mean {np.mean(list(acc.values())):.1f}")
         p.stage, p.round = t + 1, 0

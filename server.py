@@ -127,7 +127,7 @@ def step(x: dict[str, Tensor], aggregated: dict[str, Tensor], state: dict[str, T
 def proximal_loss(anchor: dict[str, Tensor], *, mu: float):
     """(model, batch) -> (mu / 2) ||w - w_global||^2 over the parameters in `anchor` (the global state the client
     started from): FedProx's local term, which keeps a client from drifting far from the global model."""
-    def loss(model, batch):
+    def loss(model, batch, outputs=None):
         params = dict(model.named_parameters())
         return 0.5 * mu * sum((params[k].float() - w.float()).square().sum() for k, w in anchor.items())
     return loss

@@ -278,7 +278,7 @@ def write_results(out, cfg, setting, history, wall, log):
                         title=f"{cfg.method} on {cfg.setting}, beta {cfg.beta}, seed {cfg.seed}")
     print_matrix(history["acc"], setting.tasks, log)
     log(f"Last {summary['last']:.2f}  Avg {summary['avg']:.2f}  mean forgetting {summary['mean_forgetting']:.2f}"
-        + (f"  subspaces {history['subspaces']}" if cfg.method == "disco" else ""))
+        + (f"  subspaces {history['subspaces']}" if history.get("subspaces") else ""))
     log(f"wrote {out}/results.json, accuracy.png ({wall:.0f}s)")
     return res
 
