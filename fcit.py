@@ -1,5 +1,6 @@
-"""DISCO, the method of Federated Continual Instruction Tuning (Guo et al., ICCV 2025, arXiv:2503.12897), sec. 4:
-the pure, model-agnostic core. Tensors in, tensors out; no model, no optimizer, no files.
+"""DISCO, the method of Federated Continual Instruction Tuning (Guo et al., ICCV 2025, arXiv:2503.12897): its two
+parts, Dynamic Knowledge Organization and Subspace Selective Activation, as a pure,
+model-agnostic core. Tensors in, tensors out; no model, no optimizer, no files.
 
 Concepts (the names are the paper's and are used the same way in every file):
   identity token   a client's mean feature of its training instructions (frozen text encoder)
@@ -23,7 +24,8 @@ Where we depart from the official code (notes 2.2, "code quirks we do not copy")
     counts stop at 256);
   - because clients are routed before they train, two new tasks in one round simply open two subspaces and
     nothing trained is thrown away;
-  - no routing state is set on layers: the gate is an argument of forward (lora.py).
+  - no routing state is parked on layers: the gate is bound on the LoRA layers only for the duration of one
+    forward by `lora.gated` (a context manager that restores the previous gate), and forward only reads it.
 
 Tests: python -m pytest -q tests/test_fcit.py
 """
@@ -48,20 +50,20 @@ IDENTITIES = ("text", "image", "both")
 class DiscoConfig:
     threshold: float = 0.9  # tau: cosine at or above which a client joins an existing subspace (DKO)
     temperature: float = 0.05  # eps of the SSA softmax
-    max_subspaces: int = 8  # K_max; train.py sets it to the number of stages
     activation: str = "softmax"  # softmax | argmax | cosine | concat  (the paper's ablation, notes 2.3)
-    aggregate: str = "svd"  # svd (exact update, re-factored) | ab (average A and B separately, as the official code)
     identity: str = "text"  # what identity tokens encode: text (paper) | image | both (the paper's ablation)
+    # K_max, the most subspaces DKO may open, is not a field: it is the number of subspaces the LoRA layers hold,
+    # rank / subspace_rank (federated.Disco.lora_layout)
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"fcit.DiscoConfig: activation {self.activation!r} is not one of {ACTIVATIONS}")
         if self.identity not in IDENTITIES:
             raise ValueError(f"fcit.DiscoConfig: identity {self.identity!r} is not one of {IDENTITIES}")
-        if self.aggregate not in AGGREGATIONS:
-            raise ValueError(f"fcit.DiscoConfig: aggregate {self.aggregate!r} is not one of {AGGREGATIONS}")
-        if self.temperature <= 0 or self.max_subspaces < 1:
-            raise ValueError("fcit.DiscoConfig: temperature must be > 0 and max_subspaces >= 1")
+        if not 0 < self.temperature < math.inf:
+            raise ValueError(f"fcit.DiscoConfig: temperature must be a positive number, got {self.temperature}")
+        if not -1 <= self.threshold <= 1:
+            raise ValueError(f"--threshold is a cosine: it must be in [-1, 1], got {self.threshold}")
 
 
 # ---- Identity tokens
@@ -247,8 +249,8 @@ def activation_weights(queries: Tensor, tokens: Tensor, *, temperature: float, m
     return torch.ones_like(s)  # (B, K)
 
 
-def pad_gate(gate: Tensor, num_slots: int) -> Tensor:
-    """(B, K) -> (B, num_slots): the subspaces not opened yet get weight 0, so the layers keep K_max slots."""
-    if gate.shape[-1] > num_slots:
-        raise ValueError(f"fcit.pad_gate: the gate has {gate.shape[-1]} subspaces, more than {num_slots} slots")
-    return F.pad(gate, (0, num_slots - gate.shape[-1]))  # (B, num_slots)
+def pad_gate(gate: Tensor, num_subspaces: int) -> Tensor:
+    """(B, K_open) -> (B, K): the subspaces not opened yet get weight 0, so the layers keep all K_max subspaces."""
+    if gate.shape[-1] > num_subspaces:
+        raise ValueError(f"fcit.pad_gate: the gate has {gate.shape[-1]} subspaces, the layers only {num_subspaces}")
+    return F.pad(gate, (0, num_subspaces - gate.shape[-1]))  # (B, K)

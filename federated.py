@@ -1,13 +1,17 @@
-"""The federated continual loop of FCIT: stages -> rounds -> clients, sequential and in one process.
+"""The federated continual loop of FCIT: stages -> rounds -> clients, and the two methods it is read with.
 
-Each stage brings new data (continual learning, old data is gone); each round the server samples a few clients
+Each stage brings new data (continual learning: old data is gone); each round the server samples a few clients
 (10% of 50), each trains one local epoch from the global state with a fresh AdamW and a cosine schedule, and the
 server aggregates (federated learning). After every stage the global model is evaluated on every task seen so
 far. Client states are dicts of tensors in memory; nothing is written per client (fcit-paper-notes.md, 1.3).
 
-What a continual-learning method decides is a `Strategy`: which LoRA subspace a client trains, an extra local
-loss, how updates are aggregated, and the gate a test question puts on the subspaces. `Strategy` itself is
-Finetune (one LoRA, FedAvg); `Disco` adds DKO routing and SSA gating (fcit.py).
+What a continual-learning method decides is a strategy: its LoRA layout, which subspace a client trains, an extra
+local loss, how updates are aggregated, the gate a test question puts on the subspaces, and what it reports.
+`Finetune` (one LoRA, FedAvg) is the plain strategy every other one extends; `Disco` routes clients with Dynamic
+Knowledge Organization and gates test questions with Subspace Selective Activation (fcit.py); the baselines and
+the server optimizers are in baselines/. What depends on the model (building a batch, generating, scoring, the
+frozen encoders of identity tokens) and the evaluation protocol (metrics.py) arrive as a `Harness` from train.py:
+this file imports only fcit and lora.
 
     python train.py --setting task-hom --method finetune
 Tests: python -m pytest tests/test_federated.py
@@ -15,18 +19,15 @@ Tests: python -m pytest tests/test_federated.py
 import math
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 
 import fcit
-import metrics
-import server
-from data import METRIC, read_image
-from lora import gated, lora_modules
-from model import collate, cosine_lr, generate, image_features, instruction_features, to_device
+from lora import LoRALinear, gated, lora_modules, split_factor
 
-# B batch, K subspaces, R rank, D feature width
+# B batch, C clients of a round, K subspaces, R rank, D feature width
 
 
 @dataclass
@@ -42,9 +43,48 @@ class FedConfig:
     warmup: float = 0.03            # fraction of local steps (paper)
     min_size: int = 4               # fewest examples a client gets in the Dirichlet partition
     train_projector: bool = True    # the projector is trained and plainly averaged (paper)
+    aggregate: str = "svd"          # LoRA inside a subspace: svd (exact update, re-factored) | ab (official code)
     eval_batch: int = 200
     max_new_tokens: int = 24
-    system: str = ""                # the model's vicuna_v1 system line (set from the model config)
+
+    def __post_init__(self):
+        if self.aggregate not in fcit.AGGREGATIONS:
+            raise ValueError(f"--aggregate {self.aggregate!r} is unknown; choose one of {', '.join(fcit.AGGREGATIONS)}")
+
+
+@dataclass
+class Harness:
+    """What the loop needs from the model and the data, built by train.py (so this file imports neither)."""
+    make_batch: Callable            # examples -> a training batch on the model's device, labels on the answer only
+    evaluate: Callable              # (tasks, strategy) -> ({task: score}, {dataset: score}, {task: mean gate}):
+                                    #   every test question answered under strategy.eval_gate (metrics.py)
+    encode_text: Callable           # questions -> (N, D): the frozen text encoder of identity tokens
+    encode_images: Callable | None = None  # examples -> (N, D): the frozen image encoder (identity ablation)
+
+
+# ---------------------------------------------------------------------------- client state
+def client_state(model):
+    """What a client sends and the server holds: every parameter that trains (LoRA factors, the projector, a
+    router), detached copies keyed by parameter name."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_client_state(model, state):
+    """Copy a client_state dict into the model in place (optimizers keep their references)."""
+    params = dict(model.named_parameters())
+    for n, v in state.items():
+        if n not in params or params[n].shape != v.shape:
+            got = "no such parameter" if n not in params else f"the model's is {tuple(params[n].shape)}"
+            raise ValueError(f"federated.load_client_state: '{n}' of shape {tuple(v.shape)} does not fit ({got}); "
+                             f"was the state made by a model with the same LoRA layout?")
+    with torch.no_grad():
+        for n, v in state.items():
+            params[n].copy_(v)
+
+
+def strip_prefix(state, prefix):
+    """The entries of `state` under `prefix`, with the prefix removed (how checkpoints nest their parts)."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 # ---------------------------------------------------------------------------- clients
@@ -53,18 +93,6 @@ def sample_clients(num_clients, k, rng):
     if k > num_clients:
         raise ValueError(f"--clients-per-round {k} exceeds --clients {num_clients}")
     return rng.choice(num_clients, k, replace=False)
-
-
-def trainable_state(model):
-    """The parameters that train and travel (LoRA factors, projector): a dict of detached copies."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def load_state(model, state):
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for n, v in state.items():
-            params[n].copy_(v)
 
 
 def batches_of(items, size):
@@ -76,16 +104,16 @@ def batches(examples, batch_size, rng):
     return batches_of([examples[j] for j in rng.permutation(len(examples))], batch_size)
 
 
-def make_batch(processor, examples, system, device=None, dtype=None):
-    """A training batch (model.collate) of examples, on `device` when one is given."""
-    b = collate(processor, [read_image(e.image) for e in examples], [e.question for e in examples],
-                [e.answer for e in examples], system=system)
-    return b if device is None else to_device(b, device, dtype)
-
-
 def answer_tokens(batch):
     """How many tokens the loss averages over: the labels that are not -100, after the one-token shift."""
     return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def cosine_lr(step, total, warmup):
+    """Linear warmup then cosine decay to 0, as a multiplier of the peak learning rate."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 def param_groups(model, cfg: FedConfig):
@@ -98,8 +126,8 @@ def param_groups(model, cfg: FedConfig):
             if g["params"]]
 
 
-def local_train(model, processor, examples, *, gate, cfg: FedConfig, rng, extra_loss=None):
-    """One client's local epochs from the model's current (global) weights; returns (state, mean loss).
+def local_train(model, harness: Harness, examples, *, gate, cfg: FedConfig, rng, extra_loss=None):
+    """One client's local epochs from the model's current (global) weights; returns (client_state, mean loss).
     A fresh AdamW each time (paper); weight decay 0 so a subspace the gate switches off stays exactly as it was."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(param_groups(model, cfg), weight_decay=0.0)
@@ -115,11 +143,10 @@ def local_train(model, processor, examples, *, gate, cfg: FedConfig, rng, extra_
                 # gradient accumulation: the paper's global batch (128) through micro-batches that fit the GPU. Each
                 # part's loss is a mean over its answer tokens, so weighting it by its share of the batch's answer
                 # tokens gives exactly the batch's mean (weight 1.0 when there is one part)
-                parts = [make_batch(processor, p, cfg.system) for p in
-                         (batches_of(chunk, cfg.micro_batch) if cfg.micro_batch else [chunk])]
+                parts = [harness.make_batch(p) for p in (batches_of(chunk, cfg.micro_batch) if cfg.micro_batch
+                                                          else [chunk])]
                 tokens = [answer_tokens(b) for b in parts]
                 for batch, n in zip(parts, tokens):
-                    batch = to_device(batch, model.device, model.dtype)
                     outputs = model(**batch)                     # one forward: the task loss, and the logits an
                     loss = outputs.loss                          # extra term may need (LwF's student)
                     if extra_loss is not None:
@@ -133,7 +160,15 @@ def local_train(model, processor, examples, *, gate, cfg: FedConfig, rng, extra_
                 losses.append(total)
                 step += 1
     model.eval()
-    return trainable_state(model), float(np.mean(losses))
+    return client_state(model), float(np.mean(losses))
+
+
+def add_losses(*fns):
+    """One extra local loss from several (None = absent), e.g. a method's term plus FedProx's proximal term."""
+    fns = [f for f in fns if f is not None]
+    if len(fns) <= 1:
+        return fns[0] if fns else None
+    return lambda model, batch, outputs=None: sum(f(model, batch, outputs) for f in fns)
 
 
 # ---------------------------------------------------------------------------- server aggregation
@@ -148,21 +183,21 @@ def aggregate(global_state, states, weights, subspaces, *, mode, log=None):
     """The new global state. Non-LoRA parameters (projector): FedAvg over all clients. LoRA factors: per subspace,
     only the clients routed to it, with fcit.aggregate_subspace ('svd' exact update or 'ab' factor average);
     subspaces no client trained this round keep their global value (different subspaces never mix)."""
-    lora_keys = [k for k in global_state if k.endswith(".A") or k.endswith(".B")]
-    other = [k for k in global_state if k not in lora_keys]
+    layers = sorted({split_factor(k)[0] for k in global_state if split_factor(k)})
+    other = [k for k in global_state if not split_factor(k)]
     new = dict(global_state)
     if other:
         new.update(fedavg([{k: s[k] for k in other} for s in states], weights))
     dropped = []
-    routed = {k_sub: [i for i, s in enumerate(subspaces) if s == k_sub] for k_sub in sorted(set(subspaces))}
-    for name in sorted({k[:-2] for k in lora_keys}):
+    routed = {k: [i for i, s in enumerate(subspaces) if s == k] for k in sorted(set(subspaces))}
+    for name in layers:
         A, B = new[name + ".A"].clone(), new[name + ".B"].clone()             # (K, R, I), (K, O, R)
-        for k_sub, idx in routed.items():
-            a, b, e = fcit.aggregate_subspace([states[i][name + ".A"][k_sub] for i in idx],
-                                              [states[i][name + ".B"][k_sub] for i in idx],
+        for k, idx in routed.items():
+            a, b, e = fcit.aggregate_subspace([states[i][name + ".A"][k] for i in idx],
+                                              [states[i][name + ".B"][k] for i in idx],
                                               torch.tensor([float(weights[i]) for i in idx]),
                                               rank=A.shape[1], mode=mode)
-            A[k_sub], B[k_sub] = a, b
+            A[k], B[k] = a, b
             dropped.append(e)
         new[name + ".A"], new[name + ".B"] = A, B
     if log and mode == "svd" and dropped:
@@ -171,16 +206,23 @@ def aggregate(global_state, states, weights, subspaces, *, mode, log=None):
 
 
 # ---------------------------------------------------------------------------- strategies
-class Strategy:
-    """Finetune: one LoRA (K = 1) trained by everyone and aggregated with FedAvg; no gate at inference."""
+class Finetune:
+    """Finetune: one LoRA (K = 1) trained by every client and aggregated with FedAvg; no gate at inference.
+    Every other method is this class with some of its answers changed."""
     name = "finetune"
+    layer = LoRALinear                                                # the LoRA layer class add_lora wraps with
 
-    def __init__(self, model, processor, cfg: FedConfig, *, aggregate_mode="svd", server_cfg=None, log=print):
-        self.model, self.processor, self.cfg, self.mode, self.log = model, processor, cfg, aggregate_mode, log
-        self.server_cfg = server_cfg or server.ServerConfig()
-        self.server_state = {}                                        # the server optimizer's moments (server.py)
+    @staticmethod
+    def lora_layout(*, rank, subspace_rank, num_stages):
+        """(K subspaces, rank of each) at the total LoRA rank `rank`: every method gets the same budget."""
+        return 1, rank
 
-    def num_slots(self):
+    def __init__(self, model, harness: Harness, cfg: FedConfig, *, hp=None, log=print, detail=None):
+        self.model, self.harness, self.cfg, self.hp = model, harness, cfg, hp
+        self.log, self.detail = log, detail or (lambda line: None)   # detail: the --verbose lines
+
+    def num_subspaces(self):
+        """K, as the LoRA layers hold it."""
         return next(iter(lora_modules(self.model).values())).num_subspaces
 
     def assign(self, stage, jobs):
@@ -188,26 +230,19 @@ class Strategy:
         return [0] * len(jobs)
 
     def train_gate(self, subspace):
-        return torch.nn.functional.one_hot(torch.tensor(subspace), self.num_slots()).float()     # (K,)
+        return torch.nn.functional.one_hot(torch.tensor(subspace), self.num_subspaces()).float()     # (K,)
 
     def extra_loss(self, stage):
-        """A term added to every local loss, (model, batch, outputs of the task loss's forward) -> scalar: here
-        FedProx's proximal term. The loop asks right after loading the global state into the model, so the model's
-        trainable state is w_global."""
-        if self.server_cfg.name == "fedprox":
-            return server.proximal_loss(trainable_state(self.model), mu=self.server_cfg.mu)
+        """A term added to every local loss, (model, batch, outputs of the task loss's forward) -> scalar, or None.
+        The loop asks right after loading the global state into the model."""
         return None
 
     def aggregate(self, global_state, states, weights, subspaces):
-        new = aggregate(global_state, states, weights, subspaces, mode=self.mode, log=self.log)
-        return self.server_step(global_state, new, set(subspaces))
+        return aggregate(global_state, states, weights, subspaces, mode=self.cfg.aggregate, log=self.detail)
 
-    def server_step(self, global_state, new, slots):
-        """The server optimizer (server.py) on the pseudo-gradient new - global, only in the subspaces `slots` that
-        clients trained this round: the others keep their weights and moments exactly."""
-        new, self.server_state = server.step(global_state, new, self.server_state,
-                                             server.slot_mask(global_state, slots), self.server_cfg)
-        return new
+    def trained_subspaces(self, subspaces):
+        """The subspaces the round's clients changed (where a server optimizer may step)."""
+        return set(subspaces)
 
     def end_stage(self, stage, data):
         pass
@@ -219,36 +254,44 @@ class Strategy:
         """How many subspaces the method has opened so far (DKO's statistic); None where it opens none."""
         return None
 
+    def report(self, history):
+        """What the method adds to results.json beyond the accuracy matrix."""
+        return {}
+
     def state(self):
-        return {f"server.{k}": v for k, v in self.server_state.items()}
+        """What a checkpoint must keep of the method besides the global model: tensors by name."""
+        return {}
 
     def load(self, state):
-        self.server_state = {k[len("server."):]: v for k, v in state.items() if k.startswith("server.")}
+        pass
 
 
-class Disco(Strategy):
+class Disco(Finetune):
     """DISCO: DKO routes each client to a subspace by its identity token before it trains (fcit.route_clients);
     aggregation stays inside a subspace; SSA gates the subspaces per test question (fcit.activation_weights)."""
     name = "disco"
 
-    def __init__(self, model, processor, cfg, *, disco: fcit.DiscoConfig, encode_text=None, server_cfg=None,
-                 log=print):
-        super().__init__(model, processor, cfg, aggregate_mode=disco.aggregate, server_cfg=server_cfg, log=log)
-        self.disco = disco
-        # the frozen text encoder of identity tokens: questions -> (N, D). The embedded default is the base's own
-        # word embeddings (model.instruction_features); the real benchmark passes CLIP's (model.clip_text_features)
-        self.encode_text = encode_text or (lambda questions: instruction_features(model, processor, questions))
-        self.cache = None
+    @staticmethod
+    def lora_layout(*, rank, subspace_rank, num_stages):
+        # K_max = rank / subspace_rank subspaces (paper: 8 of rank 8 task-related, 4 of rank 8 capability-related);
+        # DKO opens them as tasks arrive and shares the nearest one when all are open
+        if rank % subspace_rank:
+            raise ValueError(f"rank {rank} is not a multiple of subspace_rank {subspace_rank}")
+        return rank // subspace_rank, subspace_rank
+
+    def __init__(self, model, harness, cfg, *, hp: fcit.DiscoConfig | None = None, log=print, detail=None):
+        super().__init__(model, harness, cfg, hp=hp or fcit.DiscoConfig(), log=log, detail=detail)
+        self.cache = None                                             # fcit.TokenCache, created at the first round
 
     def features(self, examples):
         """Frozen features of examples: the instruction through the text encoder (the paper's identity), the image
         through the frozen vision tower for the ablation (--identity image | both; each part L2-normalized before
         they are concatenated)."""
         parts = []
-        if self.disco.identity in ("text", "both"):
-            parts.append(self.encode_text([e.question for e in examples]))
-        if self.disco.identity in ("image", "both"):
-            parts.append(image_features(self.model, self.processor, [read_image(e.image) for e in examples]))
+        if self.hp.identity in ("text", "both"):
+            parts.append(self.harness.encode_text([e.question for e in examples]))
+        if self.hp.identity in ("image", "both"):
+            parts.append(self.harness.encode_images(examples))
         return torch.cat([torch.nn.functional.normalize(p, dim=-1) for p in parts], -1)          # (N, D)
 
     def assign(self, stage, jobs):
@@ -256,74 +299,55 @@ class Disco(Strategy):
         counts = [len(ex) for _, _, ex in jobs]
         if self.cache is None:
             self.cache = fcit.TokenCache.empty(tokens.shape[1])
-        subspaces, self.cache, lines = fcit.route_clients(tokens, counts, self.cache, threshold=self.disco.threshold,
-                                                          max_subspaces=self.disco.max_subspaces,
+        subspaces, self.cache, lines = fcit.route_clients(tokens, counts, self.cache, threshold=self.hp.threshold,
+                                                          max_subspaces=self.num_subspaces(),
                                                           client_ids=[c for c, _, _ in jobs])
         for line, (_, task, _) in zip(lines, jobs):
-            self.log(f"  DKO {line} [{task}]")
+            # a client that had to join although no subspace matched is a forgetting risk: always said
+            (self.log if "cap of" in line else self.detail)(f"  DKO {line} [{task}]")
         return subspaces
 
     def eval_gate(self, examples):
         if self.cache is None or len(self.cache) == 0:
-            return torch.zeros(len(examples), self.num_slots())
-        a = fcit.activation_weights(self.features(examples), self.cache.tokens, temperature=self.disco.temperature,
-                                    mode=self.disco.activation)                                 # (B, K_open)
-        return fcit.pad_gate(a, self.num_slots())                                               # (B, K)
+            return torch.zeros(len(examples), self.num_subspaces())
+        a = fcit.activation_weights(self.features(examples), self.cache.tokens, temperature=self.hp.temperature,
+                                    mode=self.hp.activation)                                    # (B, K_open)
+        return fcit.pad_gate(a, self.num_subspaces())                                           # (B, K)
 
     def open_subspaces(self):
         return 0 if self.cache is None else len(self.cache)
 
+    def report(self, history):
+        final = history["gates"][-1] if history["gates"] else {}     # task -> mean gate over subspaces
+        if not final:
+            return {}
+        routes = history["routes"]                                    # task -> the subspaces its clients trained
+        # own_gate: the gate mass a task's test questions put on the subspace(s) its own clients trained
+        own = {t: round(sum(final[t][k] for k in routes.get(t, [])), 4) for t in final}
+        return {"gates": final, "routes": routes, "own_gate": own}
+
     def state(self):
-        cache = {} if self.cache is None else {"disco.tokens": self.cache.tokens, "disco.counts": self.cache.counts}
-        return {**super().state(), **cache}
+        return {} if self.cache is None else {"disco.tokens": self.cache.tokens, "disco.counts": self.cache.counts}
 
     def load(self, state):
-        super().load(state)
         if "disco.tokens" in state:
             self.cache = fcit.TokenCache(state["disco.tokens"].float(), state["disco.counts"].long())
 
 
-# ---------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate_dataset(model, processor, dataset, examples, strategy, cfg: FedConfig):
-    """Score in percent with the dataset's metric, and the mean gate its questions put on each subspace."""
-    preds, gates = [], []
-    for i in range(0, len(examples), cfg.eval_batch):
-        chunk = examples[i:i + cfg.eval_batch]
-        gate = strategy.eval_gate(chunk)                                                        # (B, K) or None
-        with gated(model, gate):
-            preds += generate(model, processor, [read_image(e.image) for e in chunk], [e.question for e in chunk],
-                              system=cfg.system, max_new_tokens=cfg.max_new_tokens)
-        if gate is not None:
-            gates.append(gate)
-    answers = [e.references or e.answer for e in examples]
-    score = metrics.task_score(METRIC.get(dataset, "exact"), preds, answers)
-    mean_gate = torch.cat(gates).mean(0).tolist() if gates else None
-    return score, mean_gate, preds
-
-
-def evaluate_tasks(model, processor, data, tasks, strategy, cfg):
-    """{task: score} (a task's score is the mean over its datasets), {dataset: score}, {task: mean gate}."""
-    task_scores, dataset_scores, task_gates = {}, {}, {}
-    for task in tasks:
-        scores, gates = [], []
-        for dataset, examples in data[task].test.items():
-            s, g, _ = evaluate_dataset(model, processor, dataset, examples, strategy, cfg)
-            dataset_scores[dataset] = round(s, 2)
-            scores.append(s)
-            if g is not None:
-                gates.append(g)
-        task_scores[task] = round(float(np.mean(scores)), 2)
-        if gates:
-            task_gates[task] = np.mean(gates, axis=0).round(4).tolist()
-    return task_scores, dataset_scores, task_gates
-
-
 # ---------------------------------------------------------------------------- the loop
+class Diverged(RuntimeError):
+    """Every client of a round diverged: the run stops, the last checkpoint stays as it was."""
+
+
+def finite(loss, state):
+    """A client's result may be aggregated: its mean loss and every tensor it sends are finite."""
+    return math.isfinite(loss) and all(bool(torch.isfinite(v).all()) for v in state.values())
+
+
 @dataclass
 class Progress:
     """Where a run is: the next (stage, round), the global state, and what has been measured. Checkpointed after
-    every round, so a crash mid-stage resumes at the round it reached (train.py --resume)."""
+    every round, so a crash mid-stage resumes at the round it reached (run train.py's command again)."""
     stage: int = 0
     round: int = 0
     global_state: dict = None
@@ -331,57 +355,86 @@ class Progress:
 
 
 def round_jobs(setting, data, parts, stage, clients):
-    """(client, task, examples) per client slot: Hom = the stage's task, Het = the slot's task of the fixed table."""
-    row = setting.slots[stage]
+    """(client, task, examples) for the i-th client of the round: Hom = the stage's task, Het = the fixed table's."""
+    row = setting.client_tasks[stage]
     jobs = []
-    for slot, c in enumerate(clients):
-        task = setting.tasks[row[slot % len(row)]]
-        jobs.append((int(c), task, [data[task].train[i] for i in parts[task][c]]))
+    for i, c in enumerate(clients):
+        task = setting.tasks[row[i % len(row)]]
+        jobs.append((int(c), task, [data[task].train[j] for j in parts[task][c]]))
     return jobs
 
 
-def run_continual(model, processor, setting, data, parts, strategy, cfg: FedConfig, *, seed, log=print,
+def minutes(seconds):
+    return f"{seconds / 60:.1f}m" if seconds >= 90 else f"{seconds:.0f}s"
+
+
+def eta(spent, rounds_left, questions_left):
+    """The time left at the rates measured so far: rounds, and evaluated questions once one evaluation is timed."""
+    train = spent["train"] / spent["rounds"] * rounds_left
+    if not spent["questions"]:
+        return f"ETA {minutes(train)} + evaluation"
+    return f"ETA {minutes(train + spent['eval'] / spent['questions'] * questions_left)}"
+
+
+def run_continual(model, harness, setting, data, parts, strategy, cfg: FedConfig, *, seed, log=print,
                   progress: Progress | None = None, on_round=None):
     """Train stage after stage, round after round; evaluate on every seen task after each stage.
-    Sampling and local shuffles are seeded by (seed, stage, round, slot): a resumed run redoes exactly the same."""
-    p = progress or Progress(0, 0, trainable_state(model), {"acc": [], "acc_datasets": [], "gates": [],
-                                                             "subspaces": [], "routes": {}, "loss": []})
-    load_state(model, p.global_state)
-    total = setting.num_stages * cfg.rounds
-    t0, done0 = time.time(), p.stage * cfg.rounds + p.round
-    for t in range(p.stage, setting.num_stages):
-        for r in range(p.round if t == p.stage else 0, cfg.rounds):
+    Sampling and local shuffles are seeded by (seed, stage, round, i): a resumed run redoes exactly the same."""
+    p = progress or Progress(0, 0, client_state(model), {"acc": [], "acc_datasets": [], "gates": [],
+                                                          "subspaces": [], "routes": {}, "loss": []})
+    load_client_state(model, p.global_state)
+    T, R = setting.num_stages, cfg.rounds
+    questions = {task: sum(len(e) for e in data[task].test.values()) for task in setting.tasks}
+    t0, spent = time.time(), {"train": 0.0, "rounds": 0, "eval": 0.0, "questions": 0}
+    for t in range(p.stage, T):
+        for r in range(p.round if t == p.stage else 0, R):
+            t_round = time.time()
             rng = np.random.default_rng([seed, t, r])
             jobs = round_jobs(setting, data, parts, t, sample_clients(cfg.num_clients, cfg.clients_per_round, rng))
+            opened_before = strategy.open_subspaces()
             subspaces = strategy.assign(t, jobs)
-            for (_, task, _), k in zip(jobs, subspaces):                  # which subspaces each task trained
-                p.history["routes"].setdefault(task, [])
-                if k not in p.history["routes"][task]:
-                    p.history["routes"][task].append(k)
-            states, weights, losses = [], [], []
-            for slot, ((client, task, examples), k) in enumerate(zip(jobs, subspaces)):
-                load_state(model, p.global_state)
-                torch.manual_seed(int(np.random.default_rng([seed, t, r, slot]).integers(2**31)))  # LoRA dropout
-                state, loss = local_train(model, processor, examples, gate=strategy.train_gate(k), cfg=cfg,
-                                          rng=np.random.default_rng([seed, t, r, slot]),
+            states, weights, losses, trained = [], [], [], []
+            for i, ((client, task, examples), k) in enumerate(zip(jobs, subspaces)):
+                load_client_state(model, p.global_state)
+                torch.manual_seed(int(np.random.default_rng([seed, t, r, i]).integers(2**31)))  # LoRA dropout
+                state, loss = local_train(model, harness, examples, gate=strategy.train_gate(k), cfg=cfg,
+                                          rng=np.random.default_rng([seed, t, r, i]),
                                           extra_loss=strategy.extra_loss(t))
-                states.append(state), weights.append(len(examples)), losses.append(loss)
-                log(f"stage {t + 1}/{setting.num_stages} round {r + 1}/{cfg.rounds} client {client:2d} "
-                    f"[{task}, {len(examples)} ex, subspace {k}] loss {loss:.3f}")
-            p.global_state = strategy.aggregate(p.global_state, states, weights, subspaces)
-            load_state(model, p.global_state)
+                if not finite(loss, state):                          # a diverged client must not reach the server
+                    log(f"  client {client} [{task}] diverged (loss {loss:.3g} or its update is not finite): "
+                        f"dropped from round {r + 1}")
+                    continue
+                states.append(state), weights.append(len(examples)), losses.append(loss), trained.append(k)
+                routes = p.history["routes"].setdefault(task, [])   # which subspaces each task trained
+                if k not in routes:
+                    routes.append(k)
+                strategy.detail(f"  client {client:2d} [{task}, {len(examples)} ex, subspace {k}] loss {loss:.3f}")
+            if not states:
+                raise Diverged(f"stage {t + 1} round {r + 1}: every client's training diverged (a loss or an update "
+                               f"is not finite); nothing was aggregated and the last checkpoint is intact; try a "
+                               f"lower --lr")
+            p.global_state = strategy.aggregate(p.global_state, states, weights, trained)
+            load_client_state(model, p.global_state)
             p.history["loss"].append(round(float(np.average(losses, weights=weights)), 4))
-            done = t * cfg.rounds + r + 1
-            rate = (time.time() - t0) / max(1, done - done0)
-            log(f"  round done | elapsed {time.time() - t0:.0f}s | ETA {rate * (total - done):.0f}s (training only)")
+            spent["train"] += time.time() - t_round
+            spent["rounds"] += 1
             p.stage, p.round = (t, r + 1)
             if on_round:
                 on_round(p, strategy)
+            opened = strategy.open_subspaces()                           # DKO's count; None for other methods
+            dko = "" if opened is None else (f" | subspaces {sorted(set(trained))} trained, "
+                                             f"{opened - opened_before} opened ({opened} open)")
+            evals_left = sum(questions[task] for s in range(t, T) for task in setting.seen_tasks(s))
+            log(f"stage {t + 1}/{T} round {r + 1}/{R} | loss {p.history['loss'][-1]:.3f}{dko} | "
+                f"{minutes(time.time() - t0)} elapsed, {eta(spent, (T - t) * R - (r + 1), evals_left)}")
         strategy.end_stage(t, data)
         seen = setting.seen_tasks(t)
-        acc, acc_d, gates = evaluate_tasks(model, processor, data, seen, strategy, cfg)
+        t_eval = time.time()
+        acc, acc_d, gates = harness.evaluate(seen, strategy)
+        spent["eval"] += time.time() - t_eval
+        spent["questions"] += sum(questions[task] for task in seen)
         p.history["acc"].append(acc), p.history["acc_datasets"].append(acc_d), p.history["gates"].append(gates)
-        opened = strategy.open_subspaces()                               # DKO's count; None for other methods
+        opened = strategy.open_subspaces()
         if opened is not None:
             p.history["subspaces"].append(opened)
         log(f"after stage {t + 1}: " + ", ".join(f"{k} {v:.1f}" for k, v in acc.items())

@@ -4,8 +4,8 @@ LoRA (Hu et al. 2021, arXiv:2106.09685) freezes a pretrained weight W0 and learn
 
     h = W0 x + s * B A x,                 A (r, D_in), B (D_out, r), s = alpha / r
 
-DISCO keeps one LoRA "subspace" per task family and mixes them per example with a gate (Subspace Selective
-Activation, Sec. 3.3), so one layer holds K pairs of factors:
+DISCO keeps one LoRA "subspace" per task family and mixes them per example with a gate (its Subspace Selective
+Activation, fcit.py), so one layer holds K pairs of factors:
 
     h = W0 x + s * sum_k gate_k * B_k A_k x,    A_k ~ N(0, 0.01^2),  B_k = 0,  s = alpha / (K * r)
 
@@ -16,8 +16,11 @@ down_proj) of a transformers model by `LoRALinear` modules that hold the origina
     names = add_lora(model, cfg, generator=torch.Generator().manual_seed(0))
     with gated(model, gate):              # gate (K,) or (B, K); None = all subspaces on
         logits = model(input_ids).logits
-    state = lora_state(model)             # {"<module>.A": (K, R, D_in), "<module>.B": (K, D_out, R)}
+    split_factor("model.layers.0.mlp.up_proj.A")   # ("model.layers.0.mlp.up_proj", "A"): a factor (K, R, D_in)
     merge_lora(model, gate)               # plain nn.Linear with W = W0 + s * sum_k gate_k B_k A_k
+
+The factors are ordinary parameters named "<module>.A" (K, R, D_in) and "<module>.B" (K, D_out, R), so
+`model.state_dict()` holds them and `split_factor` is the one place that tells them from other tensors.
 
 Tests: python -m pytest -q tests/test_lora.py
 """
@@ -84,12 +87,12 @@ class LoRALinear(nn.Module):
         # z = A x, in float32 so a bf16 base does not round the update away
         z = self.dropout(x.float()) @ A_flat.T  # (..., K*R)
         if self.gate is not None:
-            z = z * _expand_gate(self.gate, x, R).to(z)  # (..., K*R)
+            z = z * expand_gate(self.gate, x, R).to(z)  # (..., K*R)
         # h = W0 x + b + s * sum_k gate_k B_k A_k x
         return self.base(x) + (self.scaling * (z @ B_flat.T)).to(x.dtype)  # (..., D_out)
 
 
-def _expand_gate(gate: torch.Tensor, x: torch.Tensor, rank: int) -> torch.Tensor:
+def expand_gate(gate: torch.Tensor, x: torch.Tensor, rank: int) -> torch.Tensor:
     """gate (K,) or (B, K) -> broadcastable to z (..., K*R). Gating on the rank dimension multiplies
     every row of A_k by gate_k, which is the same as scaling B_k A_k x by gate_k."""
     if gate.dim() == 1:
@@ -128,27 +131,14 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """{f"{name}.A": (K, R, D_in), f"{name}.B": (K, D_out, R)}, detached clones: what a client sends."""
-    state = {}
-    for name, m in lora_modules(model).items():
-        state[f"{name}.A"] = m.A.detach().clone()
-        state[f"{name}.B"] = m.B.detach().clone()
-    return state
+FACTORS = ("A", "B")
 
 
-def load_lora_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy a lora_state dict into the model's factors (in place, so optimizers keep their references)."""
-    for name, m in lora_modules(model).items():
-        for key, param in ((f"{name}.A", m.A), (f"{name}.B", m.B)):
-            if key not in state:
-                raise KeyError(f"lora.py: state has no '{key}'; was it made by lora_state on a model "
-                               f"wrapped with the same LoRAConfig?")
-            if state[key].shape != param.shape:
-                raise ValueError(f"lora.py: '{key}' has shape {tuple(state[key].shape)}, the model expects "
-                                 f"{tuple(param.shape)}; check num_subspaces and rank")
-            with torch.no_grad():
-                param.copy_(state[key])
+def split_factor(key: str) -> tuple[str, str] | None:
+    """(module name, "A" | "B") when a parameter name is a LoRA factor of a LoRALinear, else None (a projector
+    weight, a router): the one function that tells LoRA factors from the other tensors of a state dict."""
+    module, _, leaf = key.rpartition(".")
+    return (module, leaf) if module and leaf in FACTORS else None
 
 
 @contextlib.contextmanager

@@ -1,13 +1,15 @@
 """Metrics for FCIT (arXiv:2503.12897): the one place that turns predictions into scores and results into the
 accuracy matrix, Last / Avg / forgetting, with the formulas written down.
 
-Three sections:
+Four sections:
   1. answer rules, per sample: exact match, substring (FigureQA, DVQA), Acc@IoU>0.5 (Grounding), and CIDEr-D
      (Flickr30k; Vedantam et al. 2015, "CIDEr: Consensus-based Image Description Evaluation", as implemented
      in coco-caption / pycocoevalcap `cider_scorer.py`); `task_score` maps a task's predictions to 0-100.
-  2. continual metrics over a[t][j] = score on task j after stage t (paper Sec. 5.1; notes 1.4): Last, Avg,
-     forgetting, backward transfer.
-  3. heatmaps drawn with pillow: the stages x tasks accuracy matrix, the tasks x subspaces activation.
+  2. continual metrics over a[t][j] = score on task j after stage t (the paper's experimental setup; notes 1.4):
+     Last, Avg, forgetting, backward transfer.
+  3. the evaluation after a stage: every test question of every seen task, each answered under the gate its own
+     question gets (DISCO's SSA, or none), scored with its dataset's rule (`evaluate_tasks`).
+  4. heatmaps drawn with pillow: the stages x tasks accuracy matrix, the tasks x subspaces activation.
 
     task_score("exact", ["Cat "], ["cat"])                      # 100.0
     summarize([{"a": 80.0}, {"a": 60.0, "b": 90.0}])            # last 75.0, avg 77.5, forgetting {"a": 20.0}
@@ -18,7 +20,10 @@ import math
 import re
 from collections import Counter
 
+import time
+
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
 # ---- 1. Answer rules --------------------------------------------------------------------------------------
@@ -216,7 +221,49 @@ def accuracy_matrix(acc: list[dict[str, float]], tasks: list[str]) -> np.ndarray
     return np.array([[scores.get(j, np.nan) for j in tasks] for scores in acc], dtype=float)  # (T, J)
 
 
-# ---- 3. Heatmaps with pillow ------------------------------------------------------------------------------
+# ---- 3. Evaluation after a stage ----------------------------------------------------------------------------
+# answer(examples, gate) -> predictions is the model's greedy decoding under `gate` (train.py binds it on the LoRA
+# layers); gate_of(examples) -> (B, K) or None is the method's gate (federated.Disco.eval_gate: SSA, per question).
+
+
+@torch.no_grad()
+def evaluate_dataset(answer, gate_of, metric: str, examples, *, batch: int):
+    """(score in percent with `metric`, the mean gate the questions put on each subspace or None, predictions)."""
+    preds, gates = [], []
+    for i in range(0, len(examples), batch):
+        chunk = examples[i:i + batch]
+        gate = gate_of(chunk)  # (B, K) or None
+        preds += answer(chunk, gate)
+        if gate is not None:
+            gates.append(gate)
+    mean_gate = torch.cat(gates).mean(0).tolist() if gates else None
+    return task_score(metric, preds, [e.references or e.answer for e in examples]), mean_gate, preds
+
+
+def evaluate_tasks(answer, gate_of, data, tasks, *, rules: dict, batch: int, log=None):
+    """{task: score} (a task's score is the mean over its datasets), {dataset: score}, {task: mean gate}, for the
+    test sets data[task].test = {dataset: examples}; rules = {dataset: metric} (data.METRIC). `log`, when given,
+    gets one progress line per task."""
+    task_scores, dataset_scores, task_gates = {}, {}, {}
+    for n, task in enumerate(tasks):
+        t0, scores, gates = time.time(), [], []
+        for dataset, examples in data[task].test.items():
+            s, g, _ = evaluate_dataset(answer, gate_of, rules.get(dataset, "exact"), examples, batch=batch)
+            dataset_scores[dataset] = round(s, 2)
+            scores.append(s)
+            if g is not None:
+                gates.append(g)
+        task_scores[task] = round(float(np.mean(scores)), 2)
+        if gates:
+            task_gates[task] = np.mean(gates, axis=0).round(4).tolist()
+        if log:
+            questions = sum(len(e) for e in data[task].test.values())
+            log(f"  evaluated {n + 1}/{len(tasks)} {task}: {task_scores[task]:.1f} "
+                f"({questions} questions, {time.time() - t0:.1f}s)")
+    return task_scores, dataset_scores, task_gates
+
+
+# ---- 4. Heatmaps with pillow ------------------------------------------------------------------------------
 CELL_W, CELL_H, PAD = 80, 28, 8  # pixels; 80 px fits "super-CLEVR" at 13 px, longer labels wrap or are cut
 NAN_COLOR = (224, 224, 224)  # light gray: not evaluated
 LOW, HIGH = np.array([255, 255, 255]), np.array([8, 69, 148])  # white -> blue

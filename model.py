@@ -1,85 +1,31 @@
 """The model: a LLaVA (vision tower + projector + language model) as transformers builds it, tiny or real.
 
-The embedded benchmark uses a tiny `LlavaForConditionalGeneration` (a CLIP vision tower on 32x32 images with
-8x8 patches, a 2-layer GELU projector, a 4-layer Llama) and a word-level tokenizer built from the benchmark's
-vocabulary. Like LLaVA-1.5 before instruction tuning, the base is pretrained (all weights) on generic image-text
-data (synthetic.pretraining_mixture) and saved with `save_pretrained`, so the very same `load_llava(dir)` reads
-it or a real `llava-hf/llava-1.5-7b-hf` folder. Prompts follow vicuna_v1 (notes 1.5):
+One API for both: `load_llava(dir)` reads a folder that `save_pretrained` wrote, the embedded benchmark's tiny
+base (embedded/base.py) or a real `llava-hf/llava-1.5-7b-hf`. Prompts follow vicuna_v1 (notes 1.5):
     "{system} USER: <image>\\n{question} ASSISTANT: {answer}</s>"      loss on the answer tokens only.
-DISCO's frozen text encoders live here too: the tiny base's own word embeddings (instruction_features) and, for the
-real benchmark, CLIP's pooled text output (clip_text_features), as the paper's code.
+Batches (`collate`), the loss, greedy generation, and DISCO's frozen encoders of identity tokens live here too: the
+tiny base's own word embeddings (instruction_features), CLIP's pooled text output for the real benchmark
+(clip_text_features, as the paper's code), and the vision tower's mean patch feature (image_features, the ablation).
+train.py hands them to the federated loop (federated.Harness); federated.py never imports this file.
 
-    python model.py --out .cache/fcit/base-v7-seed0-57600   # pretrain the tiny base (~3 minutes on 2 cores)
-    python model.py --out DIR --probe                       # its greedy accuracy on held-out pretraining questions
-Tests: python -m pytest tests/test_model.py
+Tests: python -m pytest tests/test_model.py tests/test_real_path.py
 """
-import argparse
-import math
+import json
 import os
-import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
-from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
-from transformers import (AutoProcessor, AutoTokenizer, CLIPImageProcessorPil, CLIPTextModel, CLIPVisionConfig,
-                          LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
-                          PreTrainedTokenizerFast)
+from safetensors import SafetensorError, safe_open
+from transformers import AutoProcessor, AutoTokenizer, CLIPTextModel, LlavaForConditionalGeneration
 
 # B batch, T tokens, D width, P image tokens
-
-
-@dataclass
-class ModelConfig:
-    image_size: int = 32
-    patch_size: int = 8            # one patch per grid cell of the embedded images
-    vision_width: int = 96
-    vision_layers: int = 2
-    width: int = 128               # language model hidden size
-    layers: int = 4
-    heads: int = 4
-    ffn: int = 384                 # LlamaMLP intermediate size: where LoRA lives
-    patch_init_scale: float = 4.0  # x CLIP's init of the patch embedding (see build_tiny_llava)
-    system: str = "a chat between a human and an assistant ."  # vicuna_v1's system line, shortened for CPU speed
-    pretrain_examples: int = 57600  # generic image-text pairs seen once by the base (1800 steps, ~2.5 min)
-    pretrain_batch: int = 32
-    pretrain_lr: float = 5e-4       # measured: 2e-3 stalls at the answer prior (loss 0.8), 5e-4 reaches 0.22
-    seed: int = 0
 
 
 # vicuna_v1's system line, what LLaVA-1.5 was instruction-tuned with (the real benchmark's prompt)
 VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 
-# ---------------------------------------------------------------------------- tokenizer, processor, prompt
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
-WORD = r"\d+\.\d+|[a-z0-9]+|[^\sa-z0-9]"          # words, decimals (box coordinates) and single symbols
-
-
-def build_tokenizer(texts) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer whose vocabulary is every word in `texts` (sorted: deterministic ids)."""
-    splitter = pre_tokenizers.Split(Regex(WORD), behavior="isolated")
-    words = sorted({w for t in texts for w, _ in splitter.pre_tokenize_str(t.lower())} - set(SPECIALS))
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + words)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), splitter])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
-    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    return fast
-
-
-def build_processor(tokenizer, cfg: ModelConfig) -> LlavaProcessor:
-    size = cfg.image_size
-    images = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                                   image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=Image.NEAREST)
-    return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=cfg.patch_size,
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                          image_token="<image>")
-
-
+# ---------------------------------------------------------------------------- the prompt
 def prompt(question: str, system: str) -> str:
     """vicuna_v1 up to the answer; the data's question already starts with '<image>\\n' (LLaVA format)."""
     if "<image>" not in question:
@@ -88,39 +34,63 @@ def prompt(question: str, system: str) -> str:
 
 
 # ---------------------------------------------------------------------------- building and loading
-def build_tiny_llava(tokenizer, cfg: ModelConfig) -> LlavaForConditionalGeneration:
-    vision = CLIPVisionConfig(hidden_size=cfg.vision_width, intermediate_size=2 * cfg.vision_width,
-                              num_hidden_layers=cfg.vision_layers, num_attention_heads=4,
-                              image_size=cfg.image_size, patch_size=cfg.patch_size)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=cfg.width, intermediate_size=cfg.ffn,
-                       num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
-                       max_position_embeddings=256, tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    config = LlavaConfig(vision_config=vision, text_config=text, projector_hidden_act="gelu",
-                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-                         vision_feature_layer=-1, vision_feature_select_strategy="default",
-                         image_seq_length=(cfg.image_size // cfg.patch_size) ** 2)
-    torch.manual_seed(cfg.seed)
-    model = LlavaForConditionalGeneration(config)
-    with torch.no_grad():
-        # CLIP's init (std 0.02) makes a patch's content ~2% of its embedding next to the position embedding, and
-        # the pre-LayerNorm keeps it there. Measured (2 cores, 600 steps): the shape of a one-cell object was
-        # at chance with it and 98% after 150 steps with the patch embedding scaled up 4x.
-        model.model.vision_tower.embeddings.patch_embedding.weight.mul_(cfg.patch_init_scale)
-    return model
+# what from_pretrained reads, in its order of preference; a sharded checkpoint's index lists its shards
+WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZERS = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"))   # fast | sentencepiece | BPE
+PROCESSORS = ("processor_config.json", "preprocessor_config.json")   # transformers 5 | 4 saves the image processor
 
 
-def require_folder(path, what, files):
-    """A local model folder or a clear error: nothing is ever downloaded."""
-    missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
+def weight_files(path):
+    """The weight files from_pretrained will read: the single file, or every shard its index names ([] if none)."""
+    found = [os.path.join(path, n) for n in WEIGHTS if os.path.isfile(os.path.join(path, n))]
+    if not found or not found[0].endswith(".index.json"):
+        return found[:1]
+    index = found[0]
+    try:
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{index}: not a weight index {{'weight_map': {{name: shard}}}} ({e}); download it "
+                         f"again") from None
+    missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
     if missing:
-        raise FileNotFoundError(f"{path}: not a {what} folder, missing {', '.join(missing)}; expected the files that "
-                                f"save_pretrained writes (config.json, *.safetensors, tokenizer and processor files)")
+        raise FileNotFoundError(f"{index} names {len(missing)} missing shard{'s' * (len(missing) > 1)}: "
+                                f"{', '.join(missing)}; download them again")
+    return [os.path.join(path, s) for s in shards]
+
+
+def require_folder(path, what, *, processor=False):
+    """A local model folder with every file from_pretrained reads, or one error naming what is missing (nothing is
+    ever downloaded). Each safetensors file's header is read: a truncated download fails here, named, instead of
+    inside from_pretrained. Cheap: headers only, no weights."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such folder; expected a {what} folder as save_pretrained writes it "
+                                f"(config.json, model.safetensors, tokenizer.json, ...)")
+    has = lambda *names: all(os.path.isfile(os.path.join(path, n)) for n in names)
+    weights, missing = weight_files(path), []
+    if not has("config.json"):
+        missing.append("config.json")
+    if not weights:
+        missing.append("model.safetensors or pytorch_model.bin (or an .index.json with its shards)")
+    if not any(has(*names) for names in TOKENIZERS):
+        missing.append("tokenizer.json or tokenizer.model or vocab.json + merges.txt")
+    if processor and not any(has(name) for name in PROCESSORS):
+        missing.append(" or ".join(PROCESSORS))
+    if missing:
+        raise FileNotFoundError(f"{path}: not a complete {what} folder, missing {'; '.join(missing)}; expected the "
+                                f"files that save_pretrained writes")
+    for w in (w for w in weights if w.endswith(".safetensors")):
+        try:
+            with safe_open(w, framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:                   # a truncated file: "incomplete metadata"
+            raise ValueError(f"{w}: not a readable safetensors file ({e}): truncated or corrupt; download it "
+                             f"again") from None
 
 
 def load_llava(path, *, dtype=torch.float32, device="cpu"):
     """(model, processor) from a folder in the llava-hf layout (e.g. llava-hf/llava-1.5-7b-hf), or the tiny base."""
-    require_folder(path, "LLaVA checkpoint", ["config.json"])
+    require_folder(path, "LLaVA checkpoint", processor=True)
     processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, local_files_only=True).to(device)
     processor.tokenizer.padding_side = "left"
@@ -130,7 +100,7 @@ def load_llava(path, *, dtype=torch.float32, device="cpu"):
 def load_text_encoder(path, *, device="cpu"):
     """(CLIPTextModel, tokenizer) from a local folder, e.g. openai/clip-vit-large-patch14-336: DISCO's frozen text
     encoder on the real benchmark (the official code's CLIPTextTower)."""
-    require_folder(path, "CLIP text encoder", ["config.json"])
+    require_folder(path, "CLIP text encoder")
     encoder = CLIPTextModel.from_pretrained(path, local_files_only=True).to(device).eval()
     for p in encoder.parameters():
         p.requires_grad_(False)
@@ -189,10 +159,11 @@ def generate(model, processor, images, questions, *, system, max_new_tokens=16):
 def instruction_features(model, processor, questions, *, batch_size=256):
     """The embedded benchmark's frozen text encoder: the mean of the base's input word embeddings, each scaled to
     unit length, over the question (no image token, no template, no answer). DISCO's identity tokens are means of
-    these; LoRA never touches the embeddings, so the encoder stays frozen. Measured on the tiny base (bench.py
-    similarity): clients of one dataset >= 0.96 apart from clients of another <= 0.84, so tau = 0.9 separates them,
-    and every test question of the 8 task-related datasets puts >= 0.96 of its SSA gate on its own dataset, while
-    mean-pooled hidden states of the language model blur datasets together (different datasets up to 0.95).
+    these; LoRA never touches the embeddings, so the encoder stays frozen. Measured on the tiny base
+    (python -m scripts.bench similarity): clients of one dataset >= 0.96 apart from clients of another <= 0.84, so
+    tau = 0.9 separates them, and every test question of the 8 task-related datasets puts >= 0.96 of its SSA gate on
+    its own dataset, while mean-pooled hidden states of the language model blur datasets together (different
+    datasets up to 0.95).
     Unit length keeps frequent function words from dominating. The real benchmark uses CLIP's text encoder."""
     tok, embed = processor.tokenizer, model.get_input_embeddings()
     feats = []
@@ -229,69 +200,3 @@ def image_features(model, processor, images, *, batch_size=256):
     return torch.cat(feats)
 
 
-# ---------------------------------------------------------------------------- pretraining the tiny base
-def cosine_lr(step, total, warmup):
-    """Linear warmup then cosine decay to 0, as a multiplier of the peak learning rate."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def pretrain_base(out_dir, cfg: ModelConfig, *, log=print):
-    """Build the tokenizer, processor and tiny LLaVA; train all weights on the generic mixture; save to out_dir."""
-    import synthetic                                                      # only the embedded path needs it
-    torch.manual_seed(cfg.seed)
-    tokenizer = build_tokenizer(synthetic.corpus(cfg.seed) + [cfg.system, "user : assistant :"])
-    processor = build_processor(tokenizer, cfg)
-    model = build_tiny_llava(tokenizer, cfg)
-    data = synthetic.pretraining_mixture(cfg.pretrain_examples, cfg.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
-    steps = len(data) // cfg.pretrain_batch
-    t0 = time.time()
-    for step in range(steps):
-        chunk = data[step * cfg.pretrain_batch:(step + 1) * cfg.pretrain_batch]
-        batch = collate(processor, *map(list, zip(*chunk)), system=cfg.system)
-        for g in opt.param_groups:
-            g["lr"] = cfg.pretrain_lr * cosine_lr(step, steps, steps // 20)
-        loss = answer_loss(model, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if step % 100 == 0 or step == steps - 1:
-            log(f"pretrain step {step + 1}/{steps} loss {loss.item():.3f} {time.time() - t0:.0f}s")
-    tmp = out_dir + ".tmp"
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    os.replace(tmp, out_dir)                                              # atomic: a crash leaves no half base
-    return out_dir
-
-
-def probe_base(path, *, n=400, seed=1, log=print):
-    """Greedy accuracy of a base on held-out pretraining questions, per skill (the first word of the question)."""
-    import synthetic
-    model, processor = load_llava(path)
-    items = synthetic.pretraining_mixture(n, seed)
-    preds = []
-    for i in range(0, n, 100):
-        chunk = items[i:i + 100]
-        preds += generate(model, processor, [c[0] for c in chunk], [c[1] for c in chunk], system=ModelConfig.system)
-    skills = {}
-    for (_, q, a), p in zip(items, preds):
-        skills.setdefault(" ".join(q.split()[:3]), []).append(p.strip() == a)
-    for k, v in sorted(skills.items()):
-        log(f"{k:>20}: {100 * np.mean(v):5.1f}% of {len(v)}")
-    return {k: float(np.mean(v)) for k, v in skills.items()}
-
-
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="Pretrain the tiny LLaVA base of the embedded benchmark.")
-    ap.add_argument("--out", default=".cache/fcit/base-seed0")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--examples", type=int, default=ModelConfig.pretrain_examples)
-    ap.add_argument("--probe", action="store_true", help="only report the base's accuracy per pretraining skill")
-    a = ap.parse_args()
-    if a.probe:
-        probe_base(a.out)
-    else:
-        pretrain_base(a.out, ModelConfig(seed=a.seed, pretrain_examples=a.examples))

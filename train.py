@@ -4,56 +4,73 @@
     python train.py --setting task-het --method finetune --beta 0.5 --seed 1
     python train.py --data ROOT --model LLAVA --text-encoder CLIP --preset paper --device cuda   # the real benchmark
 
-Writes OUT/results.json (accuracy matrix, Last, Avg, forgetting, the resolved config), OUT/accuracy.png,
-OUT/partition.json, OUT/config.json and, for DISCO, OUT/activation.png. A checkpoint after every round lets an
-interrupted run continue where it stopped (run the same command again; --fresh ignores it).
-Methods: zeroshot (the base model), mtl (centralized multi-task upper bound), finetune, disco, and the baselines
-ewc, lwf, olora, moelora (baselines.py). Servers (--server, server.py): fedavg, fedprox, fedavgm, fedadagrad, fedadam,
-fedyogi; the last four need --aggregate ab.
+The path a reader follows: `resolve` turns flags into one RunConfig (every default is a dataclass field), `prepare`
+finds the data and the base (the embedded benchmark and the tiny base, made once into the cache, unless --data and
+--model are given), `build_model` wraps the base's FFN with the method's LoRA layout, `make_harness` hands the
+model-specific pieces to the loop, and federated.run_continual trains stage after stage. It writes OUT/results.json
+(accuracy matrix, Last, Avg, forgetting, the resolved config, and what the method reports), OUT/accuracy.png,
+OUT/partition.json, OUT/config.json, OUT/checkpoint.* and, for DISCO, OUT/activation.png. The checkpoint after
+every round lets an interrupted run continue where it stopped (run the same command again; --fresh ignores it).
+Methods: zeroshot (the base model), mtl (centralized multi-task upper bound), finetune and disco (federated.py), and
+the baselines ewc, lwf, olora, moelora (baselines/). Servers (--server, baselines/server.py): fedavg, fedprox,
+fedavgm, fedadagrad, fedadam, fedyogi; the last four need --aggregate ab.
 Tests: python -m pytest tests/test_train.py
 """
 import argparse
 import dataclasses
+import functools
 import json
+import math
 import os
 import sys
 import time
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from transformers.utils import logging as hf_logging
 
 import fcit
 import metrics
-import synthetic
-from baselines import METHODS as BASELINES, BaselineConfig, add_moelora
-from data import get_setting, load_release, partition_setting, save_partition
-from federated import Disco, FedConfig, Progress, Strategy, evaluate_tasks, local_train, run_continual
-from lora import LoRAConfig, add_lora
-from model import VICUNA_SYSTEM, ModelConfig, clip_text_features, load_llava, load_text_encoder, pretrain_base
-from server import SERVERS, STATEFUL, ServerConfig
+from baselines import METHODS as BASELINES
+from baselines.ewc import EWCConfig
+from baselines.lwf import LwFConfig
+from baselines.olora import OLoRAConfig
+from baselines.server import SERVERS, STATEFUL, ServerConfig, ServerOptimizer
+from data import (METRIC, check_images, get_setting, load_release, partition_lists, partition_setting, read_image,
+                  save_partition)
+from embedded import benchmark
+from embedded.base import BaseConfig, pretrain_base
+from federated import (Disco, Diverged, FedConfig, Finetune, Harness, Progress, local_train, run_continual,
+                       strip_prefix)
+from lora import LoRAConfig, add_lora, gated
+from model import (VICUNA_SYSTEM, clip_text_features, collate, generate, image_features, instruction_features,
+                   load_llava, load_text_encoder, require_folder, to_device)
+from storage.checkpoint import CHECKPOINT, Checkpoint, atomic, fingerprint, read_checkpoint, where, write_json
 
-METHODS = ["disco", "finetune", "mtl", "zeroshot", *BASELINES]
+# --method -> (strategy class, its hyperparameter dataclass or None); zeroshot and mtl are Finetune's model
+STRATEGIES = {"disco": (Disco, fcit.DiscoConfig), "finetune": (Finetune, None), "mtl": (Finetune, None),
+              "zeroshot": (Finetune, None), **BASELINES}
+METHODS = list(STRATEGIES)
 
 
 @dataclasses.dataclass
 class RunConfig:
     """Everything a run depends on; saved beside the results."""
-    setting: str = "task-hom"
+    setting: str = "task-hom"       # task-hom | task-het | cap-hom | cap-het
     method: str = "disco"
-    beta: float = 1.0
+    beta: float = 1.0               # Dirichlet concentration of the client partition (paper: 0.5, 1.0, 5.0)
     seed: int = 0
     preset: str = "default"
     device: str = "cpu"
     rank: int = 64                  # total LoRA rank (paper: 64 task-related, 32 capability-related)
-    subspace_rank: int = 8          # DISCO: rank of one subspace; K = rank / subspace_rank slots
+    subspace_rank: int = 8          # DISCO: rank of one subspace, so K_max = rank / subspace_rank; MoELoRA's experts
     alpha: float = 128.0            # s = alpha / rank = 2 (paper)
     lora_dropout: float = 0.05
     train_examples: int = 4000      # per dataset (embedded benchmark): ~80 per client, 10 local steps
     test_examples: int = 200
-    pretrain_examples: int = ModelConfig.pretrain_examples
+    pretrain_examples: int = BaseConfig.pretrain_examples
     mtl_epochs: int = 1
+    system: str = BaseConfig.system  # the vicuna_v1 system line the base was trained with (VICUNA_SYSTEM for LLaVA)
     data: str | None = None         # --data: the official FCIT release folder (default: the embedded benchmark)
     model: str | None = None        # --model: a LLaVA checkpoint folder, llava-hf layout (default: the tiny base)
     text_encoder: str | None = None # --text-encoder: a CLIP text encoder folder for DISCO's identity tokens
@@ -62,8 +79,10 @@ class RunConfig:
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: memory for time (paper: on)
     fed: FedConfig = dataclasses.field(default_factory=FedConfig)
     disco: fcit.DiscoConfig = dataclasses.field(default_factory=fcit.DiscoConfig)
+    ewc: EWCConfig = dataclasses.field(default_factory=EWCConfig)
+    lwf: LwFConfig = dataclasses.field(default_factory=LwFConfig)
+    olora: OLoRAConfig = dataclasses.field(default_factory=OLoRAConfig)
     server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
-    baselines: BaselineConfig = dataclasses.field(default_factory=BaselineConfig)
 
 
 PRESETS = {
@@ -78,85 +97,119 @@ PRESETS = {
                            warmup=0.03, batch_size=128, micro_batch=8, max_new_tokens=128, eval_batch=16)),
 }
 
+# flag -> field, by the config that owns it; a flag left out (None) keeps the preset's or the dataclass's value
+RUN_FLAGS = ("setting", "method", "beta", "seed", "device", "data", "model", "text_encoder", "train_limit", "test_limit")
+FED_FLAGS = {"rounds": "rounds", "clients": "num_clients", "clients_per_round": "clients_per_round", "lr": "lr",
+             "local_epochs": "local_epochs", "batch_size": "batch_size", "micro_batch": "micro_batch",
+             "aggregate": "aggregate"}
+DISCO_FLAGS = {"threshold": "threshold", "activation": "activation", "identity": "identity"}
+SERVER_FLAGS = {"server": "name", "server_lr": "lr", "mu": "mu"}
+
 
 def cache_dir():
     return os.environ.get("FCIT_CACHE", os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache", "fcit"))
 
 
 def parse_args(argv=None):
+    R, F, D, S = RunConfig, FedConfig, fcit.DiscoConfig, ServerConfig
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--setting", default="task-hom", help="task-hom | task-het | cap-hom | cap-het")
-    ap.add_argument("--method", default="disco", help=" | ".join(METHODS))
-    ap.add_argument("--beta", type=float, default=1.0, help="Dirichlet concentration of the client partition")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None, help="output folder (default runs/<setting>_<method>_b<beta>_s<seed>)")
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--preset", default="default", choices=list(PRESETS))
-    ap.add_argument("--rounds", type=int, help="rounds per stage")
-    ap.add_argument("--clients", type=int, help="number of clients")
-    ap.add_argument("--clients-per-round", type=int)
-    ap.add_argument("--lr", type=float)
-    ap.add_argument("--local-epochs", type=int)
-    ap.add_argument("--aggregate", choices=["svd", "ab"], help="LoRA aggregation inside a subspace")
-    ap.add_argument("--activation", choices=list(fcit.ACTIVATIONS), help="DISCO gate at inference (ablation)")
-    ap.add_argument("--threshold", type=float, help="DISCO DKO cosine threshold tau")
-    ap.add_argument("--identity", choices=list(fcit.IDENTITIES), help="DISCO identity tokens from text (paper), image or both")
-    ap.add_argument("--server", choices=list(SERVERS), help="server optimizer (default fedavg); "
+    ap.add_argument("--setting", help=f"task-hom | task-het | cap-hom | cap-het (default {R.setting})")
+    ap.add_argument("--method", help=f"{' | '.join(METHODS)} (default {R.method})")
+    ap.add_argument("--beta", type=float, help=f"Dirichlet concentration of the client partition (default {R.beta})")
+    ap.add_argument("--seed", type=int, help=f"default {R.seed}")
+    ap.add_argument("--out", help="output folder (default runs/<setting>_<method>_b<beta>_s<seed>)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], help=f"default {R.device}")
+    ap.add_argument("--preset", choices=list(PRESETS), help=f"default {R.preset}")
+    ap.add_argument("--rounds", type=int, help=f"rounds per stage (default {F.rounds})")
+    ap.add_argument("--clients", type=int, help=f"number of clients (default {F.num_clients})")
+    ap.add_argument("--clients-per-round", type=int, help=f"default {F.clients_per_round}")
+    ap.add_argument("--lr", type=float, help=f"peak LoRA learning rate (default {F.lr})")
+    ap.add_argument("--local-epochs", type=int, help=f"default {F.local_epochs}")
+    ap.add_argument("--batch-size", type=int, help=f"local batch, examples per optimizer step (default {F.batch_size})")
+    ap.add_argument("--micro-batch", type=int, help="examples per forward pass; gradients accumulate to --batch-size")
+    ap.add_argument("--aggregate", choices=list(fcit.AGGREGATIONS),
+                    help=f"LoRA aggregation inside a subspace (default {F.aggregate})")
+    ap.add_argument("--activation", choices=list(fcit.ACTIVATIONS), help=f"DISCO gate at inference (default {D.activation})")
+    ap.add_argument("--threshold", type=float, help=f"DISCO DKO cosine threshold tau (default {D.threshold})")
+    ap.add_argument("--identity", choices=list(fcit.IDENTITIES), help=f"DISCO identity tokens (default {D.identity})")
+    ap.add_argument("--server", choices=list(SERVERS), help=f"server optimizer (default {S.name}); "
                     + ", ".join(STATEFUL) + " need --aggregate ab")
     ap.add_argument("--server-lr", type=float, help="server learning rate eta (default 1 for fedavgm, 1e-2 adaptive)")
-    ap.add_argument("--mu", type=float, help="FedProx proximal weight (default 0.01)")
-    ap.add_argument("--batch-size", type=int, help="local batch (examples per optimizer step)")
-    ap.add_argument("--micro-batch", type=int, help="examples per forward pass; gradients accumulate to --batch-size")
+    ap.add_argument("--mu", type=float, help=f"FedProx proximal weight (default {S.mu})")
     ap.add_argument("--data", help="the official FCIT release folder (instructions/, datasets/, partitioned_data/)")
     ap.add_argument("--model", help="a LLaVA checkpoint folder in the llava-hf layout, e.g. llava-1.5-7b-hf")
     ap.add_argument("--text-encoder", help="a CLIP text encoder folder (clip-vit-large-patch14-336) for DISCO")
     ap.add_argument("--train-limit", type=int, help="first N training records per dataset")
     ap.add_argument("--test-limit", type=int, help="first N test records per dataset")
     ap.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
+    ap.add_argument("--verbose", action="store_true", help="print every client's routing and loss")
     return ap.parse_args(argv)
 
 
+def given(args, flags):
+    """{field: value} of the flags that were given (not None), for flags = {flag: field} or (field, ...)."""
+    pairs = flags.items() if isinstance(flags, dict) else ((f, f) for f in flags)
+    return {field: getattr(args, flag) for flag, field in pairs if getattr(args, flag) is not None}
+
+
 def resolve(args) -> RunConfig:
-    """Preset, then flags: the one place defaults are decided. Bad flags fail here, before any work."""
-    if args.method not in METHODS:
-        raise ValueError(f"--method {args.method!r} is unknown; choose one of {', '.join(METHODS)}")
-    setting = get_setting(args.setting)
-    if args.beta <= 0:
-        raise ValueError(f"--beta must be > 0, got {args.beta}")
-    preset = json.loads(json.dumps(PRESETS[args.preset]))
-    fed = FedConfig(**preset.pop("fed", {}))
-    cfg = RunConfig(setting=args.setting, method=args.method, beta=args.beta, seed=args.seed, preset=args.preset,
-                    device=args.device, **preset)
-    if setting.name.startswith("cap") and "rank" not in PRESETS[args.preset]:
+    """Dataclass defaults, then the preset, then the flags given: the one place a run's config is decided. Bad
+    flags fail here, before any work."""
+    name = RunConfig.preset if args.preset is None else args.preset
+    preset = json.loads(json.dumps(PRESETS[name]))
+    fed = preset.pop("fed", {})
+    cfg = RunConfig(**{**preset, **given(args, RUN_FLAGS), "preset": name})
+    if cfg.method not in METHODS:
+        raise ValueError(f"--method {cfg.method!r} is unknown; choose one of {', '.join(METHODS)}")
+    setting = get_setting(cfg.setting)
+    if setting.name.startswith("cap") and "rank" not in preset:
         cfg.rank, cfg.alpha = 32, 64.0                                   # paper: 4 subspaces of rank 8
-    if setting.name.startswith("cap") and args.preset == "paper":
-        fed.batch_size = 64                                              # paper: 16 per GPU x 4 GPUs
-    for flag, field in (("rounds", "rounds"), ("clients", "num_clients"), ("clients_per_round", "clients_per_round"),
-                        ("lr", "lr"), ("local_epochs", "local_epochs"), ("batch_size", "batch_size"),
-                        ("micro_batch", "micro_batch")):
-        if getattr(args, flag) is not None:
-            setattr(fed, field, getattr(args, flag))
-    fed.system = VICUNA_SYSTEM if args.model else ModelConfig.system  # the prompt the base was trained with
-    for flag in ("data", "model", "text_encoder", "train_limit", "test_limit"):
-        setattr(cfg, flag, getattr(args, flag))
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if setting.name.startswith("cap") and cfg.preset == "paper":
+        fed["batch_size"] = 64                                           # paper: 16 per GPU x 4 GPUs
+    cfg.fed = FedConfig(**{**fed, **given(args, FED_FLAGS)})
+    cfg.disco = fcit.DiscoConfig(**given(args, DISCO_FLAGS))
+    cfg.server = ServerConfig(**given(args, SERVER_FLAGS))
+    cfg.system = VICUNA_SYSTEM if cfg.model else BaseConfig.system     # the prompt the base was trained with
+    validate(cfg)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: torch sees no CUDA device here; run with --device cpu")
-    cfg.fed = fed
-    cfg.disco = fcit.DiscoConfig(threshold=args.threshold or 0.9, activation=args.activation or "softmax",
-                                 aggregate=args.aggregate or "svd", identity=args.identity or "text",
-                                 max_subspaces=cfg.rank // cfg.subspace_rank)
-    if fed.clients_per_round > fed.num_clients:
-        raise ValueError(f"--clients-per-round {fed.clients_per_round} exceeds --clients {fed.num_clients}")
-    if cfg.rank % cfg.subspace_rank:
-        raise ValueError(f"rank {cfg.rank} is not a multiple of subspace_rank {cfg.subspace_rank}")
-    if cfg.method == "olora" and cfg.rank % setting.num_stages:
-        raise ValueError(f"olora: rank {cfg.rank} is not a multiple of the {setting.num_stages} stages")
-    cfg.server = ServerConfig(name=args.server or "fedavg", lr=args.server_lr, mu=0.01 if args.mu is None else args.mu)
-    if cfg.server.name in STATEFUL and cfg.disco.aggregate != "ab":
+    if cfg.fed.clients_per_round > cfg.fed.num_clients:
+        raise ValueError(f"--clients-per-round {cfg.fed.clients_per_round} exceeds --clients {cfg.fed.num_clients}")
+    lora_layout(cfg)                                                     # a rank the method cannot split fails now
+    if cfg.server.name in STATEFUL and cfg.fed.aggregate != "ab":
         raise ValueError(f"--server {cfg.server.name} keeps moments of the LoRA factors' change across rounds, which "
                          f"needs --aggregate ab: with --aggregate svd (the default) the factors are re-factored every "
                          f"round, so their changes are not comparable; pass --aggregate ab")
     return cfg
+
+
+def validate(cfg: RunConfig):
+    """Every number of the run in its range, and the model folders complete, before any work; the flag or the
+    folder is named. argparse checks only the type: `--lr nan` and `--rounds 0` parse."""
+    f, s = cfg.fed, cfg.server
+    positive = {"--beta": cfg.beta, "--lr": f.lr, f"projector_lr (--preset {cfg.preset})": f.projector_lr,
+                "--server-lr": s.lr}
+    at_least_one = {"--rounds": f.rounds, "--clients": f.num_clients, "--clients-per-round": f.clients_per_round,
+                    "--local-epochs": f.local_epochs, "--batch-size": f.batch_size, "--train-limit": cfg.train_limit,
+                    "--test-limit": cfg.test_limit}                   # the limits only when given (None = all)
+    for flag, x in positive.items():
+        if not 0 < x < math.inf:                                      # nan fails every comparison
+            raise ValueError(f"{flag} must be a finite number > 0, got {x}")
+    for flag, x in at_least_one.items():
+        if x is not None and x < 1:
+            raise ValueError(f"{flag} must be >= 1, got {x}")
+    if f.micro_batch < 0:
+        raise ValueError(f"--micro-batch must be >= 0 (0: the whole batch in one pass), got {f.micro_batch}")
+    if not 0 <= s.mu < math.inf:
+        raise ValueError(f"--mu must be a finite number >= 0, got {s.mu}")
+    if cfg.seed < 0:
+        raise ValueError(f"--seed must be >= 0 (numpy's generators take no negative seed), got {cfg.seed}")
+    # the folders' files, not their weights: a missing tokenizer of --text-encoder (loaded at the first DKO
+    # routing) would otherwise stop the run after its first round
+    if cfg.model:
+        require_folder(cfg.model, "LLaVA checkpoint", processor=True)
+    if cfg.text_encoder:
+        require_folder(cfg.text_encoder, "CLIP text encoder")
 
 
 # ---------------------------------------------------------------------------- data and base model
@@ -165,32 +218,34 @@ def prepare(cfg: RunConfig, log):
     tiny base, generated once into the cache and reused."""
     root, base = cfg.data, cfg.model
     if root is None:
-        root = os.path.join(cache_dir(), f"data-v{synthetic.VERSION}-seed0-{cfg.train_examples}x{cfg.test_examples}")
+        root = os.path.join(cache_dir(), f"data-v{benchmark.VERSION}-seed0-{cfg.train_examples}x{cfg.test_examples}")
         if not os.path.exists(os.path.join(root, "COMPLETE")):
             log(f"generating the embedded benchmark into {root} ...")
-            synthetic.write_release(root, seed=0, sizes=synthetic.Sizes(cfg.train_examples, cfg.test_examples))
+            benchmark.write_release(root, seed=0, sizes=benchmark.Sizes(cfg.train_examples, cfg.test_examples))
     if base is None:
-        base = os.path.join(cache_dir(), f"base-v{synthetic.BASE_VERSION}-seed0-{cfg.pretrain_examples}")
+        base = os.path.join(cache_dir(), f"base-v{benchmark.BASE_VERSION}-seed0-{cfg.pretrain_examples}")
         if not os.path.isdir(base):
             log(f"pretraining the tiny base model into {base} (once) ...")
-            pretrain_base(base, ModelConfig(pretrain_examples=cfg.pretrain_examples), log=log)
+            pretrain_base(base, BaseConfig(pretrain_examples=cfg.pretrain_examples), log=log)
     return root, base
 
 
+def lora_layout(cfg: RunConfig):
+    """(K subspaces, rank of each): the method's answer at the run's total rank."""
+    return STRATEGIES[cfg.method][0].lora_layout(rank=cfg.rank, subspace_rank=cfg.subspace_rank,
+                                                 num_stages=get_setting(cfg.setting).num_stages)
+
+
 def build_model(base, cfg: RunConfig):
-    """The base with every weight frozen, LoRA on the FFN (K slots for DISCO, one for the others), projector on."""
+    """The base with every weight frozen, the method's LoRA layout on the FFN, the projector trainable."""
     # bf16 weights on a GPU (paper); the LoRA factors stay float32 whatever the base is (lora.py)
     dtype = torch.bfloat16 if cfg.device == "cuda" else torch.float32
     model, processor = load_llava(base, dtype=dtype, device=cfg.device)
     for p in model.parameters():
         p.requires_grad_(False)
-    # the same total rank for every method: DISCO and MoELoRA's experts at subspace_rank, O-LoRA one slot per stage
-    K = {"disco": cfg.disco.max_subspaces, "moelora": cfg.disco.max_subspaces,
-         "olora": get_setting(cfg.setting).num_stages}.get(cfg.method, 1)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    wrap = add_moelora if cfg.method == "moelora" else add_lora
-    wrap(model, LoRAConfig(num_subspaces=K, rank=cfg.rank // K, alpha=cfg.alpha, dropout=cfg.lora_dropout),
-         generator=gen)
+    K, R = lora_layout(cfg)
+    add_lora(model, LoRAConfig(num_subspaces=K, rank=R, alpha=cfg.alpha, dropout=cfg.lora_dropout),
+             generator=torch.Generator().manual_seed(cfg.seed), layer=STRATEGIES[cfg.method][0].layer)
     model.to(cfg.device)
     if cfg.fed.train_projector:
         for p in model.model.multi_modal_projector.parameters():
@@ -200,56 +255,49 @@ def build_model(base, cfg: RunConfig):
     return model.eval(), processor
 
 
-def make_strategy(cfg: RunConfig, model, processor, log):
-    """The method registry: what each --method changes in the federated loop (federated.Strategy)."""
-    if cfg.method == "disco":
-        encode_text = None                                               # the base's own word embeddings
-        if cfg.text_encoder:
-            encoder, tokenizer = load_text_encoder(cfg.text_encoder, device=cfg.device)
-            encode_text = lambda questions: clip_text_features(encoder, tokenizer, questions)  # noqa: E731
-        return Disco(model, processor, cfg.fed, disco=cfg.disco, encode_text=encode_text, server_cfg=cfg.server,
-                     log=log)
-    if cfg.method in BASELINES:
-        return BASELINES[cfg.method](model, processor, cfg.fed, baselines=cfg.baselines,
-                                     aggregate_mode=cfg.disco.aggregate, server_cfg=cfg.server, log=log)
-    return Strategy(model, processor, cfg.fed, aggregate_mode=cfg.disco.aggregate, server_cfg=cfg.server, log=log)
+def answerer(model, processor, cfg: RunConfig):
+    """answer(examples, gate) -> greedy answers, with `gate` ((B, K) or None) bound on the LoRA layers."""
+    def answer(examples, gate):
+        with gated(model, gate):
+            return generate(model, processor, [read_image(e.image) for e in examples], [e.question for e in examples],
+                            system=cfg.system, max_new_tokens=cfg.fed.max_new_tokens)
+    return answer
+
+
+def make_harness(model, processor, data, cfg: RunConfig, log) -> Harness:
+    """The model-specific pieces of the loop: batches, the evaluation (metrics.evaluate_tasks with the model's
+    answers), and the frozen encoders of identity tokens (CLIP's text tower when --text-encoder is given, loaded
+    on first use; else the base's own word embeddings)."""
+    def images(examples):
+        return [read_image(e.image) for e in examples]
+
+    def make_batch(examples):
+        batch = collate(processor, images(examples), [e.question for e in examples], [e.answer for e in examples],
+                        system=cfg.system)
+        return to_device(batch, model.device, model.dtype)
+
+    answer = answerer(model, processor, cfg)
+
+    def evaluate(tasks, strategy):
+        return metrics.evaluate_tasks(answer, strategy.eval_gate, data, tasks, rules=METRIC, batch=cfg.fed.eval_batch,
+                                      log=log)
+
+    clip = functools.cache(lambda: load_text_encoder(cfg.text_encoder, device=cfg.device))
+    encode_text = ((lambda questions: clip_text_features(*clip(), questions)) if cfg.text_encoder else
+                   (lambda questions: instruction_features(model, processor, questions)))
+    return Harness(make_batch, evaluate, encode_text,
+                   encode_images=lambda examples: image_features(model, processor, images(examples)))
+
+
+def make_strategy(cfg: RunConfig, model, harness, log, detail):
+    """The method's strategy, with a server optimizer on top when --server asks for one (plain FedAvg has none)."""
+    cls, hp_class = STRATEGIES[cfg.method]
+    hp = getattr(cfg, cfg.method) if hp_class else None                 # the RunConfig field named after the method
+    strategy = cls(model, harness, cfg.fed, hp=hp, log=log, detail=detail)
+    return strategy if cfg.server.name == "fedavg" else ServerOptimizer(strategy, cfg.server)
 
 
 # ---------------------------------------------------------------------------- outputs
-def checkpoint(out, cfg_json):
-    """on_round callback: global state + strategy cache (safetensors) and progress (JSON), written atomically."""
-    def save(p: Progress, strategy):
-        tensors = {f"global.{k}": v.contiguous() for k, v in p.global_state.items()}
-        tensors.update({k: v.contiguous() for k, v in strategy.state().items()})
-        save_file(tensors, os.path.join(out, "checkpoint.safetensors.tmp"))
-        meta = {"config": cfg_json, "stage": p.stage, "round": p.round, "history": p.history}
-        write_json(os.path.join(out, "checkpoint.json.tmp"), meta)
-        os.replace(os.path.join(out, "checkpoint.safetensors.tmp"), os.path.join(out, "checkpoint.safetensors"))
-        os.replace(os.path.join(out, "checkpoint.json.tmp"), os.path.join(out, "checkpoint.json"))
-    return save
-
-
-def restore(out, cfg_json, strategy, log):
-    path = os.path.join(out, "checkpoint.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        meta = json.load(f)
-    if meta["config"] != cfg_json:
-        raise ValueError(f"{path}: a checkpoint of a different configuration; use another --out or --fresh")
-    tensors = load_file(os.path.join(out, "checkpoint.safetensors"))
-    strategy.load(tensors)
-    log(f"resuming from {path}: stage {meta['stage'] + 1}, round {meta['round'] + 1}")
-    return Progress(meta["stage"], meta["round"], {k[7:]: v for k, v in tensors.items() if k.startswith("global.")},
-                    meta["history"])
-
-
-def write_json(path, obj):
-    with open(path + ".part", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".part", path)
-
-
 def print_matrix(acc, tasks, log):
     log("accuracy matrix (rows: after stage t; columns: tasks; '-' = not seen yet)")
     log("stage " + " ".join(f"{t[:11]:>11}" for t in tasks))
@@ -257,29 +305,30 @@ def print_matrix(acc, tasks, log):
         log(f"{t + 1:5d} " + " ".join(f"{row[k]:11.1f}" if k in row else f"{'-':>11}" for k in tasks))
 
 
-def write_results(out, cfg, setting, history, wall, log):
+def write_results(out, cfg, setting, history, report, wall, log, *, intact=""):
+    """results.json, accuracy.png and, for a gated method, activation.png, each written atomically."""
     summary = metrics.summarize(history["acc"])
     res = {"setting": cfg.setting, "method": cfg.method, "beta": cfg.beta, "seed": cfg.seed, "tasks": setting.tasks,
            "acc": history["acc"], "acc_datasets": history["acc_datasets"], **summary,
-           "subspaces": history.get("subspaces") or None, "wall_seconds": round(wall, 1), "config": dataclasses.asdict(cfg)}
-    if cfg.method == "disco" and history["gates"]:
-        final = history["gates"][-1]                                      # task -> mean gate over subspaces
-        res["gates"] = final
-        res["routes"] = history["routes"]                                # task -> the subspaces its clients trained
-        # own_gate: the gate mass a task's test questions put on the subspace(s) its own clients trained
-        res["own_gate"] = {t: round(sum(final[t][k] for k in history["routes"].get(t, [])), 4) for t in final}
-        rows = [t for t in setting.tasks if t in final]
-        metrics.draw_matrix(os.path.join(out, "activation.png"), np.array([final[t] for t in rows]), rows,
-                            [f"subspace {k}" for k in range(len(final[rows[0]]))],
-                            title=f"mean gate per task ({cfg.setting}, {cfg.disco.activation})", vmax=1.0, fmt="{:.2f}")
-    write_json(os.path.join(out, "results.json"), res)
-    metrics.draw_matrix(os.path.join(out, "accuracy.png"), metrics.accuracy_matrix(history["acc"], setting.tasks),
-                        [f"stage {t + 1}" for t in range(len(history["acc"]))], setting.tasks,
-                        title=f"{cfg.method} on {cfg.setting}, beta {cfg.beta}, seed {cfg.seed}")
+           "subspaces": history.get("subspaces") or None, "wall_seconds": round(wall, 1),
+           "config": dataclasses.asdict(cfg), **report}
+    written = ["results.json", "accuracy.png"]
+    if "gates" in report:                                              # a gated method: its gate per task and subspace
+        rows = [t for t in setting.tasks if t in report["gates"]]
+        atomic(os.path.join(out, "activation.png"), lambda tmp: metrics.draw_matrix(
+            tmp, np.array([report["gates"][t] for t in rows]), rows,
+            [f"subspace {k}" for k in range(len(report["gates"][rows[0]]))],
+            title=f"mean gate per task ({cfg.setting}, {cfg.disco.activation})", vmax=1.0, fmt="{:.2f}"), intact=intact)
+        written.append("activation.png")
+    write_json(os.path.join(out, "results.json"), res, intact=intact)
+    atomic(os.path.join(out, "accuracy.png"), lambda tmp: metrics.draw_matrix(
+        tmp, metrics.accuracy_matrix(history["acc"], setting.tasks), [f"stage {t + 1}" for t in range(len(history["acc"]))],
+        setting.tasks, title=f"{cfg.method} on {cfg.setting}, beta {cfg.beta}, seed {cfg.seed}"), intact=intact)
     print_matrix(history["acc"], setting.tasks, log)
     log(f"Last {summary['last']:.2f}  Avg {summary['avg']:.2f}  mean forgetting {summary['mean_forgetting']:.2f}"
         + (f"  subspaces {history['subspaces']}" if history.get("subspaces") else ""))
-    log(f"wrote {out}/results.json, accuracy.png ({wall:.0f}s)")
+    written += ["config.json", "partition.json"] + ([CHECKPOINT] if cfg.method not in ("zeroshot", "mtl") else [])
+    log(f"wrote {out}/: {', '.join(written)} ({wall:.0f}s)")
     return res
 
 
@@ -290,9 +339,7 @@ def main(argv=None, log=print):
     cfg = resolve(args)
     setting = get_setting(cfg.setting)
     out = args.out or os.path.join("runs", f"{cfg.setting}_{cfg.method}_b{cfg.beta:g}_s{cfg.seed}")
-    os.makedirs(out, exist_ok=True)
     cfg_json = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    write_json(os.path.join(out, "config.json"), cfg_json)
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     root, base = prepare(cfg, log)
@@ -306,26 +353,43 @@ def main(argv=None, log=print):
                                   rng=np.random.default_rng([cfg.seed, 2]))
     else:
         log(f"using the release's client partition for beta {cfg.beta:g} ({root}/partitioned_data)")
+    check_images(data)                                                # every bad image named now, not at stage 8
+    identity = {"config": cfg_json, "fingerprint": fingerprint(root, base, partition_lists(parts))}
+    # a checkpoint of another run is refused here, before anything is written into OUT
+    saved = None if args.fresh or cfg.method in ("zeroshot", "mtl") else read_checkpoint(out, identity)
+    if saved and saved[1]["stage"] == setting.num_stages and os.path.exists(os.path.join(out, "results.json")):
+        log(f"{out}: this run is complete; its results.json is kept as it is (--fresh runs it again)")
+        with open(os.path.join(out, "results.json")) as f:
+            return json.load(f)
+    os.makedirs(out, exist_ok=True)
+    write_json(os.path.join(out, "config.json"), cfg_json)
     save_partition(os.path.join(out, "partition.json"), parts)
     model, processor = build_model(base, cfg)
-    strategy = make_strategy(cfg, model, processor, log)
+    harness = make_harness(model, processor, data, cfg, log)
+    strategy = make_strategy(cfg, model, harness, log, detail=log if args.verbose else None)
     if cfg.method in ("zeroshot", "mtl"):
         if cfg.method == "mtl":                                       # one client holding every task's data
             everything = [e for td in data.values() for e in td.train]
-            _, loss = local_train(model, processor, everything, gate=None, rng=np.random.default_rng([cfg.seed, 3]),
+            _, loss = local_train(model, harness, everything, gate=None, rng=np.random.default_rng([cfg.seed, 3]),
                                   cfg=dataclasses.replace(cfg.fed, local_epochs=cfg.mtl_epochs))
             log(f"mtl: trained on {len(everything)} examples, mean loss {loss:.3f}")
-        acc, acc_d, _ = evaluate_tasks(model, processor, data, setting.tasks, strategy, cfg.fed)
+        acc, acc_d, _ = harness.evaluate(setting.tasks, strategy)
         history = {"acc": [acc], "acc_datasets": [acc_d], "gates": [], "subspaces": None}
-    else:
-        progress = None if args.fresh else restore(out, cfg_json, strategy, log)
-        history = run_continual(model, processor, setting, data, parts, strategy, cfg.fed, seed=cfg.seed, log=log,
-                                progress=progress, on_round=checkpoint(out, cfg_json))
-    return write_results(out, cfg, setting, history, time.time() - t0, log)
+        return write_results(out, cfg, setting, history, strategy.report(history), time.time() - t0, log)
+    progress, meta = None, (saved or ({}, {}))[1]
+    if saved:
+        strategy.load(saved[0])
+        progress = Progress(meta["stage"], meta["round"], strip_prefix(saved[0], "global."), meta["history"])
+        log(f"resuming from {out}/{CHECKPOINT}: {where(meta['stage'], meta['round'])} done")
+    save = Checkpoint(out, identity, wall_before=meta.get("wall", 0.0),
+                      done=(meta["stage"], meta["round"]) if saved else None)
+    history = run_continual(model, harness, setting, data, parts, strategy, cfg.fed, seed=cfg.seed, log=log,
+                            progress=progress, on_round=save)
+    return write_results(out, cfg, setting, history, strategy.report(history), save.wall(), log, intact=save.intact)
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError, Diverged) as e:                     # FileNotFoundError is an OSError
         sys.exit(f"error: {e}")

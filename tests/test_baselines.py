@@ -1,19 +1,20 @@
-"""Tests for baselines.py: one defining property of each method (EWC, LwF, O-LoRA, MoELoRA) on a tiny Llama with
-LoRA, the equal budget, and resuming each stateful method after a crash.
+"""Tests for baselines/: one defining property of each method (EWC, LwF, O-LoRA, MoELoRA) on a tiny Llama with
+LoRA, the method registry, the equal budget, and resuming each stateful method after a crash.
 Run: python -m pytest -q tests/test_baselines.py"""
-import json
-
 import pytest
 import torch
-from safetensors.torch import load_file
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
+import baselines
 import train
-from baselines import (MoELoRALinear, OLoRA, add_moelora, distillation_loss, ewc_penalty, fisher_diagonal, lwf_loss,
-                       orthogonality_loss)
-from federated import FedConfig, fedavg, trainable_state
-from lora import LoRAConfig, LoRALinear, add_lora, gated, lora_modules
+from baselines.ewc import ewc_penalty, fisher_diagonal
+from baselines.lwf import distillation_loss, lwf_loss
+from baselines.moelora import MoELoRA, MoELoRALinear
+from baselines.olora import OLoRA, orthogonality_loss
+from federated import Disco, FedConfig, client_state, fedavg
+from lora import LoRAConfig, LoRALinear, add_lora, gated, lora_modules, split_factor
 from model import answer_loss
 
 # B batch, T tokens, V vocabulary, D_in / D_out widths, R rank, K subspaces (E experts)
@@ -28,9 +29,8 @@ def tiny_llama(*, K=1, R=2, dropout=0.0, seed=0, moe=False):
                                          num_attention_heads=2, num_key_value_heads=2))
     for p in model.parameters():
         p.requires_grad_(False)
-    wrap = add_moelora if moe else add_lora
-    wrap(model, LoRAConfig(num_subspaces=K, rank=R, alpha=4.0, dropout=dropout),
-         generator=torch.Generator().manual_seed(seed))
+    add_lora(model, LoRAConfig(num_subspaces=K, rank=R, alpha=4.0, dropout=dropout),
+             generator=torch.Generator().manual_seed(seed), layer=MoELoRALinear if moe else LoRALinear)
     with torch.no_grad():  # B != 0, so every factor is reached by the loss
         for m in lora_modules(model).values():
             m.B.normal_(0, 0.1)
@@ -49,7 +49,7 @@ def make_batch(seed=0, n=B):
 # ---------------------------------------------------------------------------- EWC
 def test_ewc_penalty_is_zero_at_the_anchor_and_positive_away():
     model = tiny_llama()
-    anchor = trainable_state(model)
+    anchor = client_state(model)
     fisher = {k: torch.rand_like(v) + 0.1 for k, v in anchor.items()}
     penalty = ewc_penalty(fisher, anchor, lam=100.0)
     assert penalty(model, None).item() == 0.0
@@ -81,7 +81,7 @@ def test_fisher_is_the_sample_weighted_mean_of_the_clients_fishers():
 def test_lwf_term_is_zero_when_the_teacher_is_the_student():
     model = tiny_llama()
     batch = make_batch()
-    term = lwf_loss(trainable_state(model), lam=1.0, temperature=2.0)(model, batch)
+    term = lwf_loss(client_state(model), lam=1.0, temperature=2.0)(model, batch)
     assert term.item() == 0.0
     # so the local loss is the plain cross-entropy on the answer tokens
     logits = model(input_ids=batch["input_ids"]).logits  # (B, T, V)
@@ -95,6 +95,13 @@ def test_distillation_counts_answer_positions_only():
     labels = make_batch()["labels"]
     before = distillation_loss(student, teacher, labels, temperature=2.0)
     assert before.item() > 0
+    # T^2 KL(p_old || p) by hand, over the 3 positions whose next token is an answer token (t = T-4 .. T-2)
+    T2, kl = 4.0, []
+    for b in range(B):
+        for t in range(T - 4, T - 1):
+            p_old, p = torch.softmax(teacher[b, t] / 2.0, -1), torch.softmax(student[b, t] / 2.0, -1)
+            kl.append((p_old * (p_old.log() - p.log())).sum())
+    torch.testing.assert_close(before, T2 * torch.stack(kl).mean())
     # logits at t predict token t + 1: positions 0..T-5 predict prompt tokens and must not count
     student2 = student.clone()
     student2[:, :T - 4] = torch.randn(B, T - 4, V, generator=g)
@@ -103,13 +110,13 @@ def test_distillation_counts_answer_positions_only():
 
 def test_lwf_teacher_pass_writes_no_parameter_and_keeps_the_task_graph_valid():
     model = tiny_llama().train()
-    teacher = {k: v + 0.05 for k, v in trainable_state(model).items()}
-    before = trainable_state(model)
+    teacher = {k: v + 0.05 for k, v in client_state(model).items()}
+    before = client_state(model)
     batch = make_batch()
     loss = answer_loss(model, batch)  # the task loss first, as local_train computes it
     loss = loss + lwf_loss(teacher, lam=1.0, temperature=2.0)(model, batch)
     loss.backward()  # an in-place swap of the parameters would make this raise
-    after = trainable_state(model)
+    after = client_state(model)
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert model.training
 
@@ -121,15 +128,15 @@ def test_olora_old_subspaces_are_on_but_receive_exactly_zero_gradient():
     for m in lora_modules(model).values():  # old subspaces with a nonzero update, so that they shape the forward
         torch.nn.init.normal_(m.B, std=0.1)
     strategy = OLoRA(model, None, FedConfig())
-    slot = strategy.assign(stage, [None])[0]
-    gate = strategy.train_gate(slot)
+    k = strategy.assign(stage, [None])[0]
+    gate = strategy.train_gate(k)
     assert gate.tolist() == [1.0, 1.0, 0.0]  # old on, new on, later off
     with gated(model, gate):
         loss = answer_loss(model, make_batch())
     (loss + strategy.extra_loss(stage)(model, None)).backward()
     for m in lora_modules(model).values():
-        assert torch.count_nonzero(m.A.grad[:slot]) == 0 and torch.count_nonzero(m.B.grad[:slot]) == 0
-        assert m.A.grad[slot].abs().sum() > 0 and m.B.grad[slot].abs().sum() > 0
+        assert torch.count_nonzero(m.A.grad[:k]) == 0 and torch.count_nonzero(m.B.grad[:k]) == 0
+        assert m.A.grad[k].abs().sum() > 0 and m.B.grad[k].abs().sum() > 0
     # the old subspace is on: switching it off changes the loss the new one is trained on
     with torch.no_grad(), gated(model, torch.tensor([0.0, 1.0, 0.0])):
         assert not torch.isclose(answer_loss(model, make_batch()), loss)
@@ -152,11 +159,19 @@ def test_orthogonality_loss_is_zero_for_orthogonal_subspaces():
     assert orthogonality_loss(A, 0).item() == 0.0
 
 
-def test_olora_stage_t_trains_subspace_t_and_the_last_slot_after_that():
+def test_olora_stage_t_trains_subspace_t_and_the_last_subspace_after_that():
     model = tiny_llama(K=3)
     strategy = OLoRA(model, None, FedConfig())
-    assert [strategy.assign(t, [None, None])[0] for t in range(5)] == [0, 1, 2, 2, 2]
+    assert [strategy.stage_subspace(t) for t in range(5)] == [0, 1, 2, 2, 2]
+    assert [strategy.assign(t, [None, None]) for t in range(5)] == [[0, 0], [1, 1], [2, 2], [2, 2], [2, 2]]
     assert strategy.eval_gate([None]) is None  # inference sums every subspace
+
+
+def test_olora_opens_one_subspace_per_stage_at_the_same_total_rank():
+    assert OLoRA.lora_layout(rank=16, subspace_rank=2, num_stages=8) == (8, 2)
+    assert OLoRA.lora_layout(rank=16, subspace_rank=2, num_stages=4) == (4, 4)
+    with pytest.raises(ValueError, match="olora: rank 10 is not a multiple of the 4 stages"):
+        OLoRA.lora_layout(rank=10, subspace_rank=2, num_stages=4)
 
 
 # ---------------------------------------------------------------------------- MoELoRA
@@ -194,57 +209,90 @@ def test_moelora_outer_zero_gate_is_the_base_model():
     torch.testing.assert_close(layer(x), layer.base(x))
 
 
-def test_add_moelora_wraps_every_target_and_trains_the_router():
+def test_add_lora_with_the_moelora_layer_wraps_every_target_and_trains_the_router():
     model = tiny_llama(K=4, moe=True)
     layers = lora_modules(model)
     assert len(layers) == 2 * 3 and all(isinstance(m, MoELoRALinear) for m in layers.values())
-    assert sum(k.endswith(".router") for k in trainable_state(model)) == len(layers)
+    assert sum(k.endswith(".router") for k in client_state(model)) == len(layers)
+    # the routers travel with the client state but are no LoRA factors: they are FedAvg-ed whole
+    assert {k for k in client_state(model) if not split_factor(k)} == {f"{n}.router" for n in layers}
+
+
+def test_moelora_has_disco_s_layout_and_aggregates_every_expert_over_all_clients():
+    assert MoELoRA.lora_layout(rank=16, subspace_rank=2, num_stages=8) == Disco.lora_layout(
+        rank=16, subspace_rank=2, num_stages=8) == (8, 2)
+    with pytest.raises(ValueError, match="multiple of subspace_rank"):
+        MoELoRA.lora_layout(rank=10, subspace_rank=4, num_stages=8)
+    model = tiny_llama(K=4, moe=True)
+    strategy = MoELoRA(model, None, FedConfig(aggregate="ab"))
+    assert strategy.train_gate(0) is None and strategy.trained_subspaces([0, 0]) == {0, 1, 2, 3}
+    g = torch.Generator().manual_seed(0)
+    states = [{k: torch.randn(v.shape, generator=g) for k, v in client_state(model).items()} for _ in range(3)]
+    new = strategy.aggregate(client_state(model), states, [1, 2, 5], [0, 0, 0])
+    # with 'ab' every expert's factors, the routers and all: the sample-weighted mean of the clients
+    expected = fedavg(states, [1, 2, 5])
+    assert new.keys() == expected.keys()
+    for k in new:
+        torch.testing.assert_close(new[k], expected[k])
+
+
+# ---------------------------------------------------------------------------- the registry
+def test_every_baseline_is_registered_with_its_name_and_its_config_field():
+    assert set(baselines.METHODS) == {"ewc", "lwf", "olora", "moelora"}
+    for name, (cls, hp) in baselines.METHODS.items():
+        assert cls.name == name and train.STRATEGIES[name] == (cls, hp)
+        # the hyperparameters of a method are the RunConfig field named after it
+        assert hp is None or type(getattr(train.RunConfig(), name)) is hp
 
 
 # ---------------------------------------------------------------------------- equal budget, resuming
-@pytest.mark.parametrize("setting", ["task-hom", "cap-het"])
-@pytest.mark.parametrize("method", ["finetune", "disco", "ewc", "lwf", "olora", "moelora"])
-def test_every_method_has_the_same_total_lora_rank(tiny_cache, setting, method):
+@pytest.mark.parametrize("setting", ["task-hom", "task-het", "cap-hom", "cap-het"])
+@pytest.mark.parametrize("method", train.METHODS)
+def test_every_method_has_the_same_total_lora_rank(setting, method):
     cfg = train.resolve(train.parse_args(["--preset", "tiny", "--setting", setting, "--method", method]))
+    K, R = train.lora_layout(cfg)
+    assert K * R == cfg.rank
+    if method == "olora":
+        assert K == train.get_setting(setting).num_stages
+
+
+@pytest.mark.parametrize("method", ["finetune", "disco", "olora", "moelora"])
+def test_the_built_model_has_the_methods_lora_layout(tiny_cache, method):
+    cfg = train.resolve(train.parse_args(["--preset", "tiny", "--setting", "cap-het", "--method", method]))
     _, base = train.prepare(cfg, log=lambda *a: None)
     model, _ = train.build_model(base, cfg)
-    layer = next(iter(lora_modules(model).values()))
-    assert layer.num_subspaces * layer.rank == cfg.rank
-    if method == "olora":
-        assert layer.num_subspaces == train.get_setting(setting).num_stages
+    layers = lora_modules(model)
+    cls = train.STRATEGIES[method][0]
+    assert layers and all(type(m) is cls.layer for m in layers.values())
+    assert {(m.num_subspaces, m.rank) for m in layers.values()} == {train.lora_layout(cfg)}
+    # what trains: the LoRA factors (and MoELoRA's routers) and the projector, nothing of the base
+    trains = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trains == {n for n in trains if split_factor(n) or ".router" in n or "multi_modal_projector" in n}
+    assert {n for n in trains if split_factor(n)} == {f"{name}.{p}" for name in layers for p in "AB"}
 
 
-@pytest.mark.parametrize("flags, crash_at", [
-    pytest.param(["--method", "ewc"], 2, id="ewc-before-end_stage"),
-    pytest.param(["--method", "ewc"], 3, id="ewc-after-stage-1"),
-    pytest.param(["--method", "lwf"], 2, id="lwf-before-end_stage"),
-    pytest.param(["--method", "olora"], 3, id="olora"),
-    pytest.param(["--method", "moelora"], 3, id="moelora"),
-    pytest.param(["--method", "disco", "--server", "fedadam", "--aggregate", "ab"], 3, id="disco-fedadam"),
+@pytest.mark.parametrize("flags, crash_at, died_at", [
+    pytest.param(["--method", "ewc"], 2, (0, 2), id="ewc-before-end_stage"),           # (next stage, next round)
+    pytest.param(["--method", "ewc"], 3, (1, 0), id="ewc-after-stage-1"),
+    pytest.param(["--method", "lwf"], 2, (0, 2), id="lwf-before-end_stage"),
+    pytest.param(["--method", "olora"], 3, (1, 0), id="olora"),
+    pytest.param(["--method", "moelora"], 3, (1, 0), id="moelora"),
+    pytest.param(["--method", "disco", "--server", "fedadam", "--aggregate", "ab"], 3, (1, 0), id="disco-fedadam"),
 ])
-def test_resume_after_a_crash_gives_the_same_results(tiny_cache, tmp_path, monkeypatch, flags, crash_at):
+def test_resume_after_a_crash_gives_the_same_results(tiny_run, crash_and_resume, tmp_path, flags, crash_at, died_at):
     """crash_at 2: after the stage's last round, before end_stage (EWC's Fisher must be in the checkpoint);
     3: after the end of stage 1 (a server's moments must be in the checkpoint)."""
-    flags = ["--preset", "tiny", "--rounds", "2", *flags]
-    full = train.main([*flags, "--out", str(tmp_path / "full")], log=lambda *a: None)
-    calls, real = {"n": 0}, train.checkpoint
-
-    def crashing(out, cfg_json):
-        save = real(out, cfg_json)
-
-        def on_round(p, strategy):
-            save(p, strategy)
-            calls["n"] += 1
-            if calls["n"] == crash_at:
-                raise KeyboardInterrupt
-        return on_round
-    monkeypatch.setattr(train, "checkpoint", crashing)
-    with pytest.raises(KeyboardInterrupt):
-        train.main([*flags, "--out", str(tmp_path / "crash")], log=lambda *a: None)
-    monkeypatch.setattr(train, "checkpoint", real)
-    resumed = train.main([*flags, "--out", str(tmp_path / "crash")], log=lambda *a: None)
-    assert json.loads((tmp_path / "crash" / "checkpoint.json").read_text())["stage"] == 8
-    assert resumed["acc"] == full["acc"]
-    # the final global model and the strategy's state (Fisher, anchor, teacher) are bit-identical
-    a, b = (load_file(tmp_path / run / "checkpoint.safetensors") for run in ("full", "crash"))
+    flags = ["--rounds", "2", *flags]
+    full = tiny_run(*flags)
+    resumed, died = crash_and_resume(flags, crash_at=crash_at, out=tmp_path / "crash")
+    assert died == died_at
+    assert sum(line.startswith("resuming from") for line in resumed.lines) == 1
+    assert resumed.progress() == (8, 0)
+    assert resumed.res["acc"] == full.res["acc"]
+    # the final global model and the strategy's state (Fisher, anchor, teacher, moments) are bit-identical
+    a, b = (load_file(run.out / "checkpoint.safetensors") for run in (full, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # and that state is there: what each method must carry across the crash
+    must = {"ewc": ("ewc.fisher.", "ewc.anchor."), "lwf": ("lwf.",), "disco": ("disco.tokens", "server.m.")}
+    for prefix in must.get(flags[flags.index("--method") + 1], ()):
+        assert any(k.startswith(prefix) for k in b), prefix

@@ -1,13 +1,12 @@
 """Tests of fcit.py, the core of DISCO: python -m pytest -q tests/test_fcit.py"""
-import sys
-from pathlib import Path
+import dataclasses
+import math
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fcit import (TokenCache, activation_weights, ab_aggregate, aggregate_subspace, cosine_similarity,  # noqa: E402
-                  identity_token, pad_gate, route_clients, svd_aggregate)
+from fcit import (DiscoConfig, TokenCache, activation_weights, ab_aggregate, aggregate_subspace,
+                  cosine_similarity, identity_token, pad_gate, route_clients, svd_aggregate)
 
 D = 16
 
@@ -122,6 +121,10 @@ def test_ab_aggregate_is_not_the_average_update():
     weights = torch.tensor([1.0, 2.0, 3.0, 4.0])
     A, B = ab_aggregate(As, Bs, weights)
     assert (B @ A - dense_update(As, Bs, weights)).norm() > 1e-3
+    # it is the product of the averaged factors: sum_ij p_i p_j B_i A_j, cross terms of different clients included
+    p = weights.double() / weights.sum()
+    cross = sum(p_i * p_j * B_i @ A_j for p_i, B_i in zip(p, Bs) for p_j, A_j in zip(p, As))
+    torch.testing.assert_close(B @ A, cross)
 
 
 def test_truncated_svd_aggregate_drops_exactly_the_smallest_singular_values():
@@ -160,6 +163,8 @@ def test_aggregate_returns_the_input_dtype_and_rejects_unknown_modes():
     As, Bs = factors([2, 2])
     A, B, _ = aggregate_subspace([a.float() for a in As], [b.float() for b in Bs], torch.ones(2), rank=2, mode="ab")
     assert A.dtype == B.dtype == torch.float32
+    torch.testing.assert_close(A, ((As[0] + As[1]) / 2).float())           # equal weights: the plain mean
+    torch.testing.assert_close(B, ((Bs[0] + Bs[1]) / 2).float())
     with pytest.raises(ValueError, match="'mean'"):
         aggregate_subspace(As, Bs, torch.ones(2), rank=2, mode="mean")
 
@@ -190,17 +195,23 @@ def test_softmax_with_separated_tokens_is_nearly_one_hot():
     tokens = torch.eye(D)[:4]
     gate = activation_weights(tokens, tokens, temperature=0.05)
     assert torch.all(gate.diagonal() > 0.99)
+    # cos = 1 to its own token, 0 to the 3 others: a_own = e^(1/eps) / (e^(1/eps) + 3)
+    own = math.exp(1 / 0.05) / (math.exp(1 / 0.05) + 3)
+    torch.testing.assert_close(gate.diagonal(), torch.full((4,), own))
 
 
 def test_argmax_gate_is_one_hot():
     gate = activation_weights(torch.randn(6, D, generator=gen(4)), torch.randn(3, D, generator=gen(5)),
                               temperature=0.05, mode="argmax")
     assert torch.all((gate == 0) | (gate == 1)) and torch.all(gate.sum(-1) == 1)
+    cos = cosine_similarity(torch.randn(6, D, generator=gen(4)), torch.randn(3, D, generator=gen(5)))
+    assert torch.equal(gate.argmax(-1), cos.argmax(-1))                      # the one sits on the nearest token
 
 
 def test_no_subspace_gives_an_empty_gate():
     gate = activation_weights(torch.randn(3, D), torch.zeros(0, D), temperature=0.05)
     assert gate.shape == (3, 0)
+    assert torch.equal(pad_gate(gate, 4), torch.zeros(3, 4))                 # every subspace off: the base model
 
 
 def test_smaller_temperature_is_sharper():
@@ -208,6 +219,10 @@ def test_smaller_temperature_is_sharper():
     soft = activation_weights(queries, tokens, temperature=0.5)
     sharp = activation_weights(queries, tokens, temperature=0.05)
     assert torch.all(sharp.max(-1).values > soft.max(-1).values)
+    # log(a_j / a_k) = (s_j - s_k) / eps: the log-odds scale exactly with 1 / eps
+    s = cosine_similarity(queries, tokens)
+    for eps, gate in ((0.5, soft), (0.05, sharp)):
+        torch.testing.assert_close((gate[:, 0] / gate[:, 1]).log(), (s[:, 0] - s[:, 1]) / eps, atol=1e-4, rtol=1e-4)
 
 
 def test_unknown_activation_mode_is_an_error():
@@ -215,8 +230,43 @@ def test_unknown_activation_mode_is_an_error():
         activation_weights(torch.randn(2, D), torch.randn(2, D), temperature=0.05, mode="mean")
 
 
-def test_pad_gate_adds_zero_slots():
+def test_pad_gate_adds_zero_subspaces():
     gate = torch.rand(3, 2)
     padded = pad_gate(gate, 5)
     assert padded.shape == (3, 5) and torch.equal(padded[:, :2], gate) and torch.all(padded[:, 2:] == 0)
     assert pad_gate(torch.zeros(3, 0), 4).shape == (3, 4)
+
+
+def test_pad_gate_refuses_more_subspaces_than_the_layers_hold():
+    with pytest.raises(ValueError, match="3 subspaces, the layers only 2"):
+        pad_gate(torch.rand(1, 3), 2)
+
+
+# ---- DiscoConfig
+
+def test_disco_config_holds_no_subspace_cap_and_no_aggregation_mode():
+    # K_max is the number of subspaces the LoRA layers hold, the aggregation mode is the federated config's
+    assert {f.name for f in dataclasses.fields(DiscoConfig)} == {"threshold", "temperature", "activation", "identity"}
+
+
+@pytest.mark.parametrize("threshold", [-1.0, 0.0, 0.9, 1.0])
+def test_disco_config_accepts_every_cosine_as_threshold(threshold):
+    assert DiscoConfig(threshold=threshold).threshold == threshold
+
+
+@pytest.mark.parametrize("threshold", [-1.01, 1.5, math.nan])
+def test_disco_config_refuses_a_threshold_outside_minus_one_one(threshold):
+    with pytest.raises(ValueError, match=r"--threshold is a cosine: it must be in \[-1, 1\]"):
+        DiscoConfig(threshold=threshold)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -0.05, math.inf, math.nan])
+def test_disco_config_refuses_a_temperature_that_is_not_positive(temperature):
+    with pytest.raises(ValueError, match="temperature must be a positive number"):
+        DiscoConfig(temperature=temperature)
+
+
+@pytest.mark.parametrize("field, value", [("activation", "mean"), ("identity", "audio")])
+def test_disco_config_refuses_unknown_modes(field, value):
+    with pytest.raises(ValueError, match=f"{field} '{value}' is not one of"):
+        DiscoConfig(**{field: value})

@@ -1,19 +1,24 @@
-"""Tests for federated.py's pure functions: FedAvg, per-subspace aggregation (a client's update never leaves its
-subspace; SVD aggregation is the exact mean update), client sampling, the clients' tasks in Hom and Het settings,
-the optimizer's learning-rate groups, and one client's local training under a one-hot gate.
+"""Tests for federated.py: FedAvg, per-subspace aggregation (a client's update never leaves its subspace; SVD
+aggregation is the exact mean update), client sampling, the clients' tasks in Hom and Het settings, the learning-rate
+schedule and groups, one client's local training under a one-hot gate (through a Harness, as train.py builds it),
+and what the two strategies Finetune and Disco answer (layout, routing, gates, report).
 Run: python -m pytest -q tests/test_federated.py"""
 import math
 
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 
 import data
-import synthetic
+import fcit
 from data import Example
-from federated import FedConfig, aggregate, fedavg, local_train, param_groups, round_jobs, sample_clients
-from lora import LoRAConfig, add_lora, lora_modules
-from model import ModelConfig, build_processor, build_tiny_llava, build_tokenizer
+from embedded import benchmark
+from embedded.base import BaseConfig, build_processor, build_tiny_llava, build_tokenizer
+from federated import (Disco, FedConfig, Finetune, Harness, add_losses, aggregate, client_state, cosine_lr,
+                       fedavg, local_train, param_groups, round_jobs, sample_clients)
+from lora import LoRAConfig, LoRALinear, add_lora, lora_modules
+from model import collate, to_device
 
 # C clients, K subspaces, R rank, I d_in, O d_out
 C, K, R, I, O = 3, 3, 4, 6, 5
@@ -53,7 +58,7 @@ def test_fedavg_is_the_sample_count_weighted_mean():
 # ---------------------------------------------------------------------------- aggregation per subspace
 @pytest.mark.parametrize("mode", ["svd", "ab"])
 def test_aggregate_changes_only_the_routed_subspace(mode):
-    glob, states = random_state(100), [random_state(i) for i in range(C)]      # clients differ in every slot
+    glob, states = random_state(100), [random_state(i) for i in range(C)]      # clients differ in every subspace
     new = aggregate(glob, states, [5, 3, 2], [1, 1, 1], mode=mode)
     for key in ("layer.A", "layer.B"):
         for k in (0, 2):
@@ -65,7 +70,7 @@ def test_aggregate_changes_only_the_routed_subspace(mode):
 def test_aggregate_uses_only_the_clients_routed_to_each_subspace(mode):
     glob, states, n = random_state(100), [random_state(i) for i in range(C)], [5, 3, 2]
     new = aggregate(glob, states, n, [0, 2, 0], mode=mode)
-    # client 1 (subspace 2) moved alone: its slot 2 is the global one now; clients 0 and 2 never touch slot 2
+    # client 1 (subspace 2) moved alone: its subspace 2 is the global one now; clients 0 and 2 never touch it
     alone = aggregate(glob, [states[1]], [n[1]], [2], mode=mode)
     pair = aggregate(glob, [states[0], states[2]], [n[0], n[2]], [0, 0], mode=mode)
     for key in ("layer.A", "layer.B"):
@@ -74,16 +79,16 @@ def test_aggregate_uses_only_the_clients_routed_to_each_subspace(mode):
         torch.testing.assert_close(new[key][0], pair[key][0], rtol=0, atol=1e-6)
 
 
-def test_svd_aggregate_slot_is_the_weighted_mean_update_when_the_rank_allows():
+def test_svd_aggregate_subspace_is_the_weighted_mean_update_when_the_rank_allows():
     glob, states, n = random_state(100), [random_state(i) for i in range(2)], [1, 3]
-    for s in states:                        # each client's slot-1 update has rank R/2: together rank R fits exactly
+    for s in states:                        # each client's subspace-1 update has rank R/2: together rank R fits exactly
         s["layer.A"][1, R // 2:] = 0
     new = aggregate(glob, states, n, [1, 1], mode="svd")
     dW = sum(n_i * (s["layer.B"][1].double() @ s["layer.A"][1].double()) for n_i, s in zip(n, states)) / sum(n)
     torch.testing.assert_close((new["layer.B"][1] @ new["layer.A"][1]).double(), dW, rtol=0, atol=1e-5)
 
 
-def test_ab_aggregate_slot_averages_each_factor():
+def test_ab_aggregate_subspace_averages_each_factor():
     glob, states, n = random_state(100), [random_state(i) for i in range(2)], [1, 3]
     new = aggregate(glob, states, n, [1, 1], mode="ab")
     for key in ("layer.A", "layer.B"):
@@ -125,7 +130,7 @@ def fake_tasks(setting, num_clients=10):
 
 
 @pytest.mark.parametrize("name", ["task-hom", "cap-hom"])
-def test_round_jobs_give_every_hom_slot_the_stages_task(name):
+def test_round_jobs_give_every_hom_client_the_stages_task(name):
     setting = data.get_setting(name)
     tasks, parts = fake_tasks(setting)
     clients = np.array([7, 0, 3, 9, 4])
@@ -137,11 +142,11 @@ def test_round_jobs_give_every_hom_slot_the_stages_task(name):
 
 
 @pytest.mark.parametrize("name", ["task-het", "cap-het"])
-def test_round_jobs_give_het_slots_the_tasks_of_the_table_row(name):
+def test_round_jobs_give_het_clients_the_tasks_of_the_table_row(name):
     setting = data.get_setting(name)
     tasks, parts = fake_tasks(setting)
     clients = np.array([7, 0, 3, 9, 4])
-    for t, row in enumerate(setting.slots):
+    for t, row in enumerate(setting.client_tasks):
         jobs = round_jobs(setting, tasks, parts, t, clients)
         assert [task for _, task, _ in jobs] == [setting.tasks[i] for i in row]
         assert all(ex == [f"{task}-{2 * c}", f"{task}-{2 * c + 1}"] for c, task, ex in jobs)
@@ -151,35 +156,64 @@ def test_round_jobs_give_het_slots_the_tasks_of_the_table_row(name):
         assert first == ["ArxivQA", "IconQA", "OCR-VQA", "Flickr30k", "FigureQA"]
 
 
+# ---------------------------------------------------------------------------- schedule and extra losses
+def test_cosine_lr_warms_up_linearly_then_decays_to_zero():
+    total, warm = 10, 4
+    lr = [cosine_lr(step, total, warm) for step in range(total + 1)]
+    assert lr[:warm] == [(s + 1) / warm for s in range(warm)]                # 0.25, 0.5, 0.75, 1.0
+    assert lr[warm] == 1.0 and lr[total] == pytest.approx(0.0, abs=1e-12)
+    mid = warm + (total - warm) / 2
+    assert cosine_lr(mid, total, warm) == pytest.approx(0.5)                 # halfway through the decay
+
+
+def test_add_losses_sums_the_terms_given_and_skips_the_absent_ones():
+    one = lambda model, batch, outputs=None: torch.tensor(1.5)
+    two = lambda model, batch, outputs=None: torch.tensor(2.0)
+    assert add_losses() is None and add_losses(None, None) is None
+    assert add_losses(None, one) is one                                      # a single term is passed through
+    assert float(add_losses(one, None, two)(None, None, None)) == 3.5
+
+
 # ---------------------------------------------------------------------------- a tiny LLaVA with K LoRA subspaces
-SYSTEM = "a chat between a human and an assistant ."
+SYSTEM = BaseConfig.system
 
 
 @pytest.fixture(scope="module")
 def examples(tmp_path_factory):
-    """Four examples of two synthetic datasets, images written to disk as the loader's Examples point to them."""
+    """Four examples of two embedded datasets, images written to disk as the loader's Examples point to them."""
     root, rng, out = tmp_path_factory.mktemp("fed"), np.random.default_rng(0), []
     for i, name in enumerate(["IconQA", "IconQA", "OCR-VQA", "OCR-VQA"]):
-        img, q, a, _ = synthetic.sample(name, rng)
+        img, q, a, _ = benchmark.sample(name, rng)
         img.save(root / f"{i}.png")
         out.append(Example(f"{name}-{i}", str(root / f"{i}.png"), "<image>\n" + q, a))
     return out
 
 
-def tiny_lora_llava(examples, *, K=K):
+def tiny_lora_llava(examples, *, K=K, dropout=0.0):
     tokenizer = build_tokenizer([e.question for e in examples] + [e.answer for e in examples]
                                 + [SYSTEM, "user : assistant :"])
-    cfg = ModelConfig(width=32, layers=1, heads=4, ffn=64, vision_width=32, vision_layers=1)
+    cfg = BaseConfig(width=32, layers=1, heads=4, ffn=64, vision_width=32, vision_layers=1)
     model = build_tiny_llava(tokenizer, cfg)
     for p in model.parameters():
         p.requires_grad_(False)
-    add_lora(model, LoRAConfig(num_subspaces=K, rank=2, dropout=0.0), generator=torch.Generator().manual_seed(0))
+    add_lora(model, LoRAConfig(num_subspaces=K, rank=2, dropout=dropout), generator=torch.Generator().manual_seed(0))
     for p in model.model.multi_modal_projector.parameters():
         p.requires_grad_(True)
     with torch.no_grad():                   # B != 0, so the loss reaches every factor of an active subspace
         for m in lora_modules(model).values():
             m.B.normal_(0, 0.1)
     return model.eval(), build_processor(tokenizer, cfg)
+
+
+def harness_of(model, processor):
+    """The part of train.make_harness that local training needs: examples -> a batch on the model's device."""
+    from data import read_image
+
+    def make_batch(chunk):
+        batch = collate(processor, [read_image(e.image) for e in chunk], [e.question for e in chunk],
+                        [e.answer for e in chunk], system=SYSTEM)
+        return to_device(batch, model.device, model.dtype)
+    return Harness(make_batch=make_batch, evaluate=None, encode_text=None)
 
 
 def test_param_groups_put_the_projector_at_projector_lr_and_the_rest_at_lr(examples):
@@ -193,10 +227,11 @@ def test_param_groups_put_the_projector_at_projector_lr_and_the_rest_at_lr(examp
 
 def test_local_train_with_a_one_hot_gate_changes_only_that_subspace(examples):
     model, processor = tiny_lora_llava(examples)
-    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    before = client_state(model)
     k = 1
-    state, loss = local_train(model, processor, examples, gate=torch.nn.functional.one_hot(torch.tensor(k), K).float(),
-                              cfg=FedConfig(batch_size=2, lr=1e-2, system=SYSTEM), rng=np.random.default_rng(0))
+    state, loss = local_train(model, harness_of(model, processor), examples,
+                              gate=torch.nn.functional.one_hot(torch.tensor(k), K).float(),
+                              cfg=FedConfig(batch_size=2, lr=1e-2), rng=np.random.default_rng(0))
     assert math.isfinite(loss) and loss > 0
     lora_keys = [n for n in before if n.endswith(".A") or n.endswith(".B")]
     assert lora_keys and set(state) == set(before)
@@ -204,3 +239,89 @@ def test_local_train_with_a_one_hot_gate_changes_only_that_subspace(examples):
         assert not torch.equal(state[n][k], before[n][k]), n
         for other in set(range(K)) - {k}:
             assert torch.equal(state[n][other], before[n][other]), (n, other)
+    # what local_train returns is the model's state after training (the client's update, in memory)
+    assert all(torch.equal(v, client_state(model)[n]) for n, v in state.items())
+
+
+def test_micro_batches_give_the_same_update_as_the_whole_batch(examples):
+    """Gradient accumulation is exact: each part's loss is weighted by its share of the batch's answer tokens."""
+    states = []
+    for micro in (0, 1):
+        model, processor = tiny_lora_llava(examples)
+        before = client_state(model)
+        state, _ = local_train(model, harness_of(model, processor), examples, gate=None,
+                               cfg=FedConfig(batch_size=4, micro_batch=micro, lr=1e-2),
+                               rng=np.random.default_rng(0))
+        states.append(state)
+    whole, parts = states
+    assert all(not torch.equal(whole[n], before[n]) for n in whole)         # one step moved every tensor
+    for n in whole:
+        torch.testing.assert_close(parts[n], whole[n], rtol=1e-4, atol=1e-6)
+
+
+def gated_layer_model(K=2):
+    """The smallest model with LoRA: one LoRALinear, enough for the strategies."""
+    return nn.Sequential(LoRALinear(nn.Linear(3, 3), num_subspaces=K, rank=1, alpha=1.0))
+
+
+# ---------------------------------------------------------------------------- the strategies
+def test_every_method_here_splits_the_same_total_rank():
+    assert Finetune.lora_layout(rank=16, subspace_rank=2, num_stages=8) == (1, 16)
+    assert Disco.lora_layout(rank=16, subspace_rank=2, num_stages=8) == (8, 2)
+    assert Disco.lora_layout(rank=64, subspace_rank=8, num_stages=4) == (8, 8)    # K_max does not follow the stages
+
+
+def test_disco_refuses_a_rank_its_subspaces_do_not_divide():
+    with pytest.raises(ValueError, match="rank 10 is not a multiple of subspace_rank 4"):
+        Disco.lora_layout(rank=10, subspace_rank=4, num_stages=8)
+
+
+def test_disco_counts_its_subspaces_from_the_lora_layers():
+    model = gated_layer_model(K=5)
+    assert Disco(model, None, FedConfig()).num_subspaces() == 5
+    assert Disco(model, None, FedConfig()).open_subspaces() == 0 and Finetune(model, None, FedConfig()).open_subspaces() is None
+
+
+def one_hot_features(questions):
+    """A frozen 'encoder' for the routing test: the question's first word picks a direction."""
+    words = {"red": 0, "blue": 1, "green": 2}
+    return torch.nn.functional.one_hot(torch.tensor([words[q.split()[0]] for q in questions]), 4).float()
+
+
+def test_disco_routes_clients_by_identity_token_and_logs_routing_as_detail():
+    model = gated_layer_model(K=2)
+    harness = Harness(make_batch=None, evaluate=None, encode_text=one_hot_features)
+    log, detail = [], []
+    disco = Disco(model, harness, FedConfig(), log=log.append, detail=detail.append)
+    ex = lambda word: [Example("x", "img", f"{word} question", "a")]
+    jobs = [(3, "R", ex("red")), (5, "B", ex("blue")), (1, "R", ex("red")), (4, "G", ex("green"))]
+    assert disco.assign(0, jobs) == [0, 1, 0, 0]                              # green finds the cache full
+    assert disco.open_subspaces() == 2 and disco.cache.counts.tolist() == [3, 1]
+    # routing of each client is --verbose detail; a client that had to join a subspace it does not match is said
+    assert [line.split(":")[0] for line in detail] == ["  DKO client 3", "  DKO client 5", "  DKO client 1"]
+    assert len(log) == 1 and "client 4" in log[0] and "cap of 2 subspaces" in log[0]
+    # the test gate of a red question is (nearly) all on subspace 0: SSA recovers the subspace its task trained
+    gate = disco.eval_gate(ex("red") + ex("blue"))
+    assert gate.shape == (2, 2) and gate.argmax(-1).tolist() == [0, 1] and float(gate[0, 0]) > 0.99
+
+
+def test_disco_gates_nothing_before_any_subspace_is_open():
+    disco = Disco(gated_layer_model(K=3), None, FedConfig())
+    assert torch.equal(disco.eval_gate([None, None]), torch.zeros(2, 3))
+
+
+def test_disco_report_own_gate_is_the_final_gate_on_the_tasks_routed_subspaces():
+    history = {"gates": [{"A": [1.0, 0.0, 0.0]}, {"A": [0.7, 0.2, 0.1], "B": [0.1, 0.15, 0.75]}],
+               "routes": {"A": [0], "B": [2, 1]}}
+    report = Disco(gated_layer_model(K=3), None, FedConfig()).report(history)
+    assert report["gates"] == history["gates"][-1] and report["routes"] == history["routes"]
+    assert report["own_gate"] == {"A": 0.7, "B": round(0.75 + 0.15, 4)}
+    assert Disco(gated_layer_model(K=3), None, FedConfig()).report({"gates": [], "routes": {}}) == {}
+
+
+def test_finetune_trains_subspace_zero_reports_nothing_and_trains_only_routed_subspaces():
+    model = gated_layer_model(K=1)
+    ft = Finetune(model, None, FedConfig())
+    assert ft.assign(0, [None, None, None]) == [0, 0, 0] and ft.train_gate(0).tolist() == [1.0]
+    assert ft.eval_gate([None]) is None and ft.report({"gates": [], "routes": {}}) == {}
+    assert ft.trained_subspaces([0, 0]) == {0} and Disco(model, None, FedConfig()).trained_subspaces([2, 0, 2]) == {0, 2}

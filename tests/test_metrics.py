@@ -1,15 +1,14 @@
 """Tests for metrics.py: answer rules, CIDEr-D against a hand-worked corpus, the continual metrics on hand-made
-Hom and Het matrices, and the heatmap PNG.  Run: python -m pytest tests/test_metrics.py"""
+Hom and Het matrices, the evaluation after a stage, and the heatmap PNG.  Run: python -m pytest tests/test_metrics.py"""
 import math
-import sys
-from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import metrics as M  # noqa: E402
+import metrics as M
 
 # ---- answer rules -----------------------------------------------------------------------------------------
 
@@ -88,6 +87,8 @@ def test_cider_d_identical_caption_beats_different_one():
     same = M.cider_d(["a man rides a horse on the beach", "", ""], refs)[0]
     other = M.cider_d(["a man walks on the beach", "", ""], refs)[0]
     assert same > other > 0.0
+    # the candidate is its reference: cos_n = 1 for n = 1..4 and no length penalty, so 10 / 4 * 4 = 10
+    assert same == pytest.approx(10.0)
 
 
 def test_cider_d_empty_candidate_scores_zero():
@@ -109,6 +110,9 @@ def test_task_score_caption_is_clipped_to_100():
     # a weak corpus: one repeated word (clipped to its count in the reference, length penalised), one miss
     weak = M.task_score("caption", ["grass " * 8, "a dog"], ["a dog runs on the grass", "a cat sleeps on the sofa"])
     assert 0.0 < weak < 100.0
+    # below the clip the score is the corpus's mean CIDEr-D in percent
+    cider = M.cider_d(["grass " * 8, "a dog"], [["a dog runs on the grass"], ["a cat sleeps on the sofa"]])
+    assert weak == pytest.approx(100.0 * np.mean(cider))
 
 
 def test_task_score_errors():
@@ -167,6 +171,41 @@ def test_invalid_acc_raises():
         M.last([])
     with pytest.raises(ValueError, match=r"acc\[1\].*'A'"):
         M.average([{"A": 1.0}, {"B": 2.0}])
+
+
+# ---- evaluation after a stage ------------------------------------------------------------------------------
+
+
+def test_evaluate_tasks_scores_each_dataset_with_its_rule_under_each_questions_gate():
+    calls, lines = [], []
+
+    def gate_of(chunk):                                          # one gate row per question: [its value, 1]
+        return torch.tensor([[float(e.value), 1.0] for e in chunk])
+
+    def answer(chunk, gate):                                     # what the model says, under the gate it is given
+        calls.append((len(chunk), gate.tolist()))
+        return ["yes" if e.value % 2 == 0 else "no" for e in chunk]
+    ex = lambda values: [SimpleNamespace(answer="yes", references=None, value=v) for v in values]
+    data = {"T": SimpleNamespace(test={"exact": ex([0, 1, 2]), "substring": ex([4, 6])}),
+            "U": SimpleNamespace(test={"other": ex([1])})}
+    tasks, datasets, gates = M.evaluate_tasks(answer, gate_of, data, ["T", "U"],
+                                              rules={"exact": "exact", "substring": "substring"}, batch=2,
+                                              log=lines.append)
+    assert datasets == {"exact": round(200 / 3, 2), "substring": 100.0, "other": 0.0}
+    assert tasks == {"T": round((200 / 3 + 100) / 2, 2), "U": 0.0}   # a task: the mean over its datasets
+    # batches of 2, each answered under its own questions' gate rows
+    assert calls == [(2, [[0.0, 1.0], [1.0, 1.0]]), (1, [[2.0, 1.0]]), (2, [[4.0, 1.0], [6.0, 1.0]]), (1, [[1.0, 1.0]])]
+    # a task's mean gate: the mean over its datasets of each dataset's mean gate
+    assert gates == {"T": [(1.0 + 5.0) / 2, 1.0], "U": [1.0, 1.0]}
+    assert [line.split(" (")[0] for line in lines] == ["  evaluated 1/2 T: 83.3", "  evaluated 2/2 U: 0.0"]
+    assert lines[0].split(" (")[1].startswith("5 questions")
+
+
+def test_evaluate_tasks_without_a_gate_reports_no_gates():
+    ex = [SimpleNamespace(answer="a", references=None)]
+    tasks, _, gates = M.evaluate_tasks(lambda chunk, gate: ["a"] * len(chunk), lambda chunk: None,
+                                       {"T": SimpleNamespace(test={"D": ex})}, ["T"], rules={}, batch=8)
+    assert tasks == {"T": 100.0} and gates == {}
 
 
 # ---- heatmap ----------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
-"""Tests for model.py on a tiny LLaVA (1 layer, width 32): the word-level tokenizer, the vicuna_v1 prompt, the
-answer-only labels and the padding sides of `collate`, the frozen instruction features, generation, and the
-save_pretrained / load_llava round trip.
+"""Tests for model.py and embedded/base.py on a tiny LLaVA (1 layer, width 32): the word-level tokenizer, the vicuna_v1
+prompt, the answer-only labels and the padding sides of `collate`, the frozen instruction features, greedy
+generation, and the save_pretrained / load_llava round trip.
 Run: python -m pytest -q tests/test_model.py"""
 import re
 
@@ -8,14 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from model import (ModelConfig, build_processor, build_tiny_llava, build_tokenizer, collate, generate,
-                   instruction_features, load_llava, prompt)
+from embedded.base import BaseConfig, build_processor, build_tiny_llava, build_tokenizer
+from model import collate, generate, instruction_features, load_llava, prompt
 
 # B batch, T tokens, D width, P image tokens
 SYSTEM = "a chat between a human and an assistant ."
 TEXTS = ["how many dots are on the icon ?", "what is the genre of this book ?", "romance", "3",
          "please give the bounding box of the red circle .", "[0.00, 0.50, 0.50, 1.00]", SYSTEM, "user : assistant :"]
-CFG = ModelConfig(width=32, layers=1, heads=4, ffn=64, vision_width=32, vision_layers=1)
+CFG = BaseConfig(width=32, layers=1, heads=4, ffn=64, vision_width=32, vision_layers=1)
 P = (CFG.image_size // CFG.patch_size) ** 2                 # image tokens per image: one per patch, no CLS
 
 
@@ -125,14 +125,35 @@ def test_instruction_features_are_deterministic_with_shape_n_by_d(tiny):
     a, b = instruction_features(model, processor, qs), instruction_features(model, processor, qs)
     assert a.shape == (3, CFG.width) and torch.equal(a, b)
     assert not torch.allclose(a[0], a[1])
+    # the mean of the question's word embeddings, each scaled to unit length (no image token, no template)
+    ids = processor.tokenizer("how many dots are on the icon ?", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 8
+    words = torch.nn.functional.normalize(model.get_input_embeddings().weight[ids], dim=-1)        # (8, D)
+    torch.testing.assert_close(a[0], words.mean(0), rtol=0, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------- generation and loading
+def greedy_by_hand(model, processor, image, question, steps):
+    """argmax of the next-token logits, one token at a time, for one unpadded input."""
+    batch = collate(processor, [image], [question], system=SYSTEM)
+    ids, pixels, out = batch["input_ids"], batch["pixel_values"], []
+    with torch.no_grad():
+        for _ in range(steps):
+            nxt = int(model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels).logits[0, -1].argmax())
+            if nxt == processor.tokenizer.eos_token_id:
+                break
+            out.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    return processor.tokenizer.decode(out, skip_special_tokens=True)
+
+
 def test_generate_returns_one_string_per_input(tiny):
     model, processor = tiny
-    out = generate(model, processor, images(3), ["how many dots ?", "what is the genre of this book ?", "3"],
-                   system=SYSTEM, max_new_tokens=3)
+    questions = ["how many dots ?", "what is the genre of this book ?", "3"]
+    out = generate(model, processor, images(3), questions, system=SYSTEM, max_new_tokens=3)
     assert len(out) == 3 and all(isinstance(s, str) for s in out)
+    # greedy decoding, and left padding makes a batched answer the answer the input gets alone
+    assert out == [greedy_by_hand(model, processor, img, q, 3) for img, q in zip(images(3), questions)]
 
 
 def test_save_pretrained_then_load_llava_gives_identical_logits(tiny, tmp_path):

@@ -5,17 +5,14 @@ python -m pytest -q tests/test_release.py"""
 import json
 import os
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import data  # noqa: E402
-import release_fixture as rf  # noqa: E402
-import synthetic  # noqa: E402
+import data
+import release_fixture as rf
+from embedded import benchmark
 
 CLIENTS, PER_FILE = 3, 4
 
@@ -166,7 +163,7 @@ def test_train_limit_applies_to_each_clients_share(release):
 
 
 def test_embedded_layout_loads_like_load_setting(tmp_path):
-    synthetic.write_release(str(tmp_path), seed=0, sizes=synthetic.Sizes(train=3, test=2))
+    benchmark.write_release(str(tmp_path), seed=0, sizes=benchmark.Sizes(train=3, test=2))
     got, parts = load(tmp_path, "cap-hom")
     want = data.load_setting(str(tmp_path), data.SETTINGS["cap-hom"], rng=np.random.default_rng(0))
     assert parts is None

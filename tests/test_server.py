@@ -1,16 +1,22 @@
-"""Tests for server.py: each server's one-step update against numbers computed by hand (Reddi et al. 2021,
-Algorithm 2), subspaces no client trained stay exactly unchanged, FedProx's term, the flag rules, and every
---server end to end on the tiny preset.
+"""Tests for baselines/server.py: each server's one-step update against numbers computed by hand (Reddi et al. 2021,
+Algorithm 2), subspaces no client trained stay exactly unchanged, FedProx's term, the wrapper strategy that
+train.make_strategy puts on top of a method (and only when --server is not fedavg), the flag rules, and every
+--server end to end on the tiny preset (one setting: the four settings are the end-to-end tests of test_train.py).
 Run: python -m pytest -q tests/test_server.py"""
 import math
 
 import pytest
 import torch
+import torch.nn as nn
+from safetensors.torch import load_file
 
-import server
+import fcit
+import federated
 import train
-from federated import FedConfig, Strategy
-from server import SERVERS, STATEFUL, ServerConfig, proximal_loss, slot_mask, step
+from baselines import server
+from baselines.server import SERVERS, STATEFUL, ServerConfig, ServerOptimizer, proximal_loss, step, subspace_mask
+from federated import Disco, FedConfig, Finetune
+from lora import LoRALinear
 
 X = {"w": torch.tensor([1.0, -2.0])}
 AGG = {"w": torch.tensor([1.5, -2.2])}  # Delta = [0.5, -0.2]
@@ -70,11 +76,11 @@ def test_subspaces_no_client_trained_stay_exactly_unchanged(name):
     agg1["l.A"][0] += 0.3
     agg1["l.B"][0] -= 0.2
     agg1["proj.weight"] += 0.1
-    x1, s1 = step(x, agg1, {}, slot_mask(x, {0}), cfg)
+    x1, s1 = step(x, agg1, {}, subspace_mask(x, {0}), cfg)
     agg2 = {k: v.clone() for k, v in x1.items()}  # aggregation keeps subspace 0 at its global value
     agg2["l.A"][1] += 0.3
     agg2["proj.weight"] += 0.1
-    x2, s2 = step(x1, agg2, s1, slot_mask(x1, {1}), cfg)
+    x2, s2 = step(x1, agg2, s1, subspace_mask(x1, {1}), cfg)
     for k in ("l.A", "l.B"):
         assert torch.equal(x2[k][0], x1[k][0])  # momentum would have moved it: the mask keeps it
         assert all(torch.equal(s2[f"{m}.{k}"][0], s1[f"{m}.{k}"][0]) for m in "mv" if f"{m}.{k}" in s1)
@@ -84,9 +90,9 @@ def test_subspaces_no_client_trained_stay_exactly_unchanged(name):
     assert not torch.equal(drift["l.A"][0], x1["l.A"][0])
 
 
-def test_slot_mask_selects_subspaces_of_lora_factors_only():
+def test_subspace_mask_selects_subspaces_of_lora_factors_only():
     state = {"l.A": torch.zeros(3, 2, 5), "l.B": torch.zeros(3, 4, 2), "proj.weight": torch.zeros(2, 2)}
-    mask = slot_mask(state, {0, 2})
+    mask = subspace_mask(state, {0, 2})
     assert mask["l.A"].shape == (3, 1, 1) and mask["l.A"].flatten().tolist() == [True, False, True]
     assert "proj.weight" not in mask  # absent = stepped entirely
 
@@ -104,14 +110,96 @@ def test_proximal_term_is_zero_at_the_global_model_and_pulls_back_to_it():
     torch.testing.assert_close(model.weight.grad, torch.full((2, 3), 0.5 * 0.2))  # mu (w - w_global)
 
 
-def test_strategy_state_round_trip_keeps_the_moments():
+# ---------------------------------------------------------------------------- the wrapper strategy
+def test_server_optimizer_state_round_trip_keeps_the_moments_under_server():
     cfg = ServerConfig("fedadam")
-    a = Strategy(None, None, FedConfig(), aggregate_mode="ab", server_cfg=cfg)
-    a.server_step(X, AGG, set())
-    b = Strategy(None, None, FedConfig(), aggregate_mode="ab", server_cfg=cfg)
+    a = ServerOptimizer(Finetune(None, None, FedConfig(aggregate="ab")), cfg)
+    new = a.aggregate(X, [AGG], [1], [0])
+    assert set(a.state()) == {"server.m.w", "server.v.w"}
+    torch.testing.assert_close(new["w"], one_step("fedadam")[0])     # the aggregate, then one fedadam step
+    b = ServerOptimizer(Finetune(None, None, FedConfig(aggregate="ab")), cfg)
     b.load(a.state())
-    assert b.server_state.keys() == a.server_state.keys()
-    assert all(torch.equal(a.server_state[k], b.server_state[k]) for k in a.server_state)
+    assert b.moments.keys() == a.moments.keys() == {"m.w", "v.w"}
+    assert all(torch.equal(a.moments[k], b.moments[k]) for k in a.moments)
+
+
+def test_server_optimizer_keeps_the_wrapped_strategys_state_and_answers():
+    model = nn.Sequential(LoRALinear(nn.Linear(3, 3), num_subspaces=4, rank=1, alpha=1.0))
+    disco = Disco(model, None, FedConfig(aggregate="ab"))
+    disco.cache = fcit.TokenCache(torch.eye(3)[:2], torch.tensor([5, 7]))
+    wrapped = ServerOptimizer(disco, ServerConfig("fedyogi"))
+    wrapped.moments = {"m.w": torch.ones(2)}
+    assert wrapped.name == "disco" and wrapped.num_subspaces() == 4 and wrapped.open_subspaces() == 2
+    assert set(wrapped.state()) == {"disco.tokens", "disco.counts", "server.m.w"}
+    again = ServerOptimizer(Disco(model, None, FedConfig(aggregate="ab")), ServerConfig("fedyogi"))
+    again.load(wrapped.state())
+    assert torch.equal(again.cache.tokens, disco.cache.tokens) and again.cache.counts.tolist() == [5, 7]
+    assert torch.equal(again.moments["m.w"], torch.ones(2))
+
+
+def test_fedprox_adds_the_proximal_term_at_the_global_model_and_the_others_add_nothing():
+    model = nn.Sequential(nn.Linear(3, 2))
+    prox = ServerOptimizer(Finetune(model, None, FedConfig()), ServerConfig("fedprox", mu=0.5))
+    term = prox.extra_loss(0)                                         # asked right after the global state is loaded
+    assert term(model, None).item() == 0.0
+    with torch.no_grad():
+        model[0].weight.add_(0.2)
+    torch.testing.assert_close(term(model, None), torch.tensor(0.5 / 2 * 6 * 0.2 ** 2))
+    assert ServerOptimizer(Finetune(model, None, FedConfig()), ServerConfig("fedadam")).extra_loss(0) is None
+
+
+# ---------------------------------------------------------------------------- train.make_strategy
+LAYER = "model.language_model.layers.0.mlp.up_proj"
+PROJ = "model.multi_modal_projector.linear_1.weight"
+
+
+def lora_state(seed, K=8, R=2, I=4, O=3):
+    """A global state shaped like the tiny preset's DISCO: K = 8 subspaces of rank 2, and a projector."""
+    g = torch.Generator().manual_seed(seed)
+    return {f"{LAYER}.A": torch.randn(K, R, I, generator=g), f"{LAYER}.B": torch.randn(K, O, R, generator=g),
+            PROJ: torch.randn(O, I, generator=g)}
+
+
+def strategy_for(*flags):
+    cfg = train.resolve(train.parse_args(["--preset", "tiny", *flags]))
+    return train.make_strategy(cfg, None, None, log=lambda *a: None, detail=None)
+
+
+def test_plain_fedavg_gets_the_method_itself_with_no_server_step():
+    strategy = strategy_for("--server", "fedavg")
+    assert type(strategy) is Disco and not isinstance(strategy, ServerOptimizer)
+    x, clients = lora_state(0), [lora_state(1), lora_state(2)]
+    new = strategy.aggregate(x, clients, [3, 1], [2, 2])
+    expected = federated.aggregate(x, clients, [3, 1], [2, 2], mode="svd")
+    assert new.keys() == expected.keys() and all(torch.equal(new[k], expected[k]) for k in new)
+
+
+@pytest.mark.parametrize("name", [n for n in SERVERS if n != "fedavg"])
+def test_every_other_server_wraps_the_method(name):
+    strategy = strategy_for("--server", name, *(["--aggregate", "ab"] if name in STATEFUL else []))
+    assert type(strategy) is ServerOptimizer and type(strategy.strategy) is Disco and strategy.cfg.name == name
+
+
+def test_fedadam_from_make_strategy_leaves_untrained_subspaces_exactly_unchanged():
+    strategy = strategy_for("--server", "fedadam", "--aggregate", "ab")
+    assert type(strategy) is ServerOptimizer
+    x0 = lora_state(0)
+    # round 1: two clients train subspace 1; round 2: one client trains subspace 3, subspace 1 has momentum now
+    x1 = strategy.aggregate(x0, [lora_state(1), lora_state(2)], [3, 1], [1, 1])
+    m1 = {k: v.clone() for k, v in strategy.state().items()}
+    x2 = strategy.aggregate(x1, [lora_state(3)], [2], [3])
+    for key in (f"{LAYER}.A", f"{LAYER}.B"):
+        for k in set(range(8)) - {1, 3}:
+            assert torch.equal(x2[key][k], x0[key][k]), (key, k)          # never trained: never moved
+        assert torch.equal(x2[key][1], x1[key][1])                        # trained in round 1 only: kept in round 2
+        assert torch.equal(strategy.state()[f"server.m.{key}"][1], m1[f"server.m.{key}"][1])
+        assert not torch.equal(x1[key][1], x0[key][1]) and not torch.equal(x2[key][3], x1[key][3])
+    # where it steps, it is the server's step along the aggregate's change, not the aggregate itself
+    plain = federated.aggregate(x1, [lora_state(3)], [2], [3], mode="ab")
+    delta = plain[f"{LAYER}.A"][3] - x1[f"{LAYER}.A"][3]
+    assert torch.equal(torch.sign(x2[f"{LAYER}.A"][3] - x1[f"{LAYER}.A"][3]), torch.sign(delta))
+    assert not torch.allclose(x2[f"{LAYER}.A"][3], plain[f"{LAYER}.A"][3])
+    assert not torch.equal(x2[PROJ], x1[PROJ])                            # the projector is stepped every round
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -129,10 +217,15 @@ def test_unknown_server_name_is_refused():
         server.ServerConfig("fedsgd")
 
 
-@pytest.mark.parametrize("setting", ["task-hom", "task-het", "cap-hom", "cap-het"])
 @pytest.mark.parametrize("name", SERVERS)
-def test_every_server_runs(tiny_cache, tmp_path, setting, name):
+def test_every_server_runs(tiny_run, name):
     flags = ["--server", name] + (["--aggregate", "ab"] if name in STATEFUL else [])
-    res = train.main(["--preset", "tiny", "--out", str(tmp_path), "--setting", setting, *flags], log=lambda *a: None)
-    assert res["config"]["server"]["name"] == name
-    assert len(res["acc"]) == train.get_setting(setting).num_stages
+    run = tiny_run("--setting", "cap-het", *flags)
+    assert run.res["config"]["server"]["name"] == name
+    assert run.res["config"]["fed"]["aggregate"] == ("ab" if name in STATEFUL else "svd")
+    assert [list(a) for a in run.res["acc"]] == [train.get_setting("cap-het").seen_tasks(t) for t in range(4)]
+    # the moments travel in the checkpoint, and only for the servers that keep some
+    keys = load_file(run.out / "checkpoint.safetensors")
+    moments = {k for k in keys if k.startswith("server.")}
+    assert bool(moments) == (name in STATEFUL)
+    assert all(k.startswith("server.m.") or k.startswith("server.v.") for k in moments)

@@ -1,16 +1,16 @@
-"""sweep.py: the comparison in one command. It skips finished runs (resume), writes the table from the runs'
+"""scripts/sweep.py: the comparison in one command. It skips finished runs (resume), writes the table from the runs'
 results.json, and one failing run does not stop the others. Run: python -m pytest -q tests/test_sweep.py"""
 import json
 
 import numpy as np
 import pytest
 
-import sweep
+from scripts import sweep
 
-TINY = ["--", "--preset", "tiny"]
+TINY = ["--", "--preset", "tiny", "--train-limit", "20", "--test-limit", "2"]   # conftest.TINY: flags for every run
 
 
-def test_sweep_writes_the_table_from_the_runs_and_skips_finished_runs(tiny_cache, tmp_path):
+def test_sweep_writes_the_table_from_the_runs_and_skips_finished_runs(tiny_run, tmp_path):
     root = tmp_path / "runs"
     argv = ["--root", str(root), "--settings", "task-hom", "--methods", "finetune", "disco", *TINY]
     assert sweep.main(argv, log=lambda *a: None) == []
@@ -20,6 +20,8 @@ def test_sweep_writes_the_table_from_the_runs_and_skips_finished_runs(tiny_cache
         row = next(line for line in table.splitlines() if line.startswith(f"| {m} |"))
         assert f"{r['last']:.2f}" in row and f"{r['avg']:.2f}" in row
     assert (root / "table.png").stat().st_size > 0
+    # a sweep's run is train.py's run of that setting and method
+    assert results["finetune"]["acc"] == tiny_run("--setting", "task-hom", "--method", "finetune").res["acc"]
     stamp = (root / "task-hom_disco_b1_s0" / "results.json").stat().st_mtime_ns
     lines = []
     sweep.main(argv, log=lines.append)                              # resume: nothing left to run

@@ -1,80 +1,209 @@
-"""End-to-end smoke runs of train.py on the tiny preset: every setting and method, outputs, errors, determinism,
-and resuming after a crash mid-stage."""
+"""End-to-end runs of train.py on the tiny preset: every setting and method, the outputs, the printed progress, the
+flags and their defaults, errors, determinism, and resuming after a crash mid-stage. The runs are made once per
+session (conftest.tiny_run) and shared by the tests that read them.
+Run: python -m pytest -q tests/test_train.py"""
+import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 
+import fcit
+import metrics
 import train
+from baselines.server import ServerConfig
+from embedded.base import BaseConfig
+from federated import FedConfig
+from storage.checkpoint import CHECKPOINT
 
 SETTINGS = ["task-hom", "task-het", "cap-hom", "cap-het"]
+PRESET = train.PRESETS["tiny"]
+ONE_STAGE = ("zeroshot", "mtl")                                  # evaluated once, on every task
 
 
-def run(tmp_path, *flags, name="out"):
-    out = tmp_path / name
-    res = train.main(["--preset", "tiny", "--out", str(out), *flags], log=lambda *a: None)
-    return res, out
+def grid(path, rows, cols):
+    """The cells of a heatmap that metrics.draw_matrix drew: the block at its bottom right (labels and title are
+    above and to the left of it)."""
+    with Image.open(path) as img:
+        W, H = img.size
+        P, w, h = metrics.PAD, metrics.CELL_W, metrics.CELL_H
+        return np.asarray(img.convert("RGB").crop((W - P - cols * w, H - P - rows * h, W - P, H - P)))
 
 
+# ---------------------------------------------------------------------------- every setting and method
 @pytest.mark.parametrize("setting", SETTINGS)
 @pytest.mark.parametrize("method", train.METHODS)
-def test_every_setting_and_method_runs(tiny_cache, tmp_path, setting, method):
-    res, out = run(tmp_path, "--setting", setting, "--method", method)
-    on_disk = json.loads((out / "results.json").read_text())
-    assert on_disk["setting"] == setting and on_disk["method"] == method
+def test_every_setting_and_method_runs(tiny_run, tmp_path, setting, method):
+    run = tiny_run("--setting", setting, "--method", method)
+    on_disk, s = run.results(), train.get_setting(setting)
+    assert on_disk == json.loads(json.dumps(run.res))              # results.json is what main returned
+    assert on_disk["setting"] == setting and on_disk["method"] == method and on_disk["tasks"] == s.tasks
     for key in ("beta", "seed", "tasks", "acc", "last", "avg", "forgetting", "wall_seconds", "config"):
         assert key in on_disk
-    stages = 1 if method in ("zeroshot", "mtl") else train.get_setting(setting).num_stages
+    continual = method not in ONE_STAGE
+    stages = s.num_stages if continual else 1
     assert len(on_disk["acc"]) == stages
+    # after stage t the tasks seen so far are evaluated (zeroshot and mtl: every task, once)
+    assert [list(a) for a in on_disk["acc"]] == ([s.seen_tasks(t) for t in range(stages)] if continual else [s.tasks])
     assert all(0 <= v <= 100 for row in on_disk["acc"] for v in row.values())
-    assert Image.open(out / "accuracy.png").size[0] > 100
-    assert (out / "partition.json").exists() and (out / "config.json").exists()
+    assert on_disk["last"] == pytest.approx(np.mean(list(on_disk["acc"][-1].values())), abs=0.01)
+    # accuracy.png is the heatmap of this accuracy matrix: its cells are those metrics.draw_matrix draws for it
+    matrix = metrics.accuracy_matrix(on_disk["acc"], s.tasks)                     # nan where not seen yet
+    metrics.draw_matrix(tmp_path / "expected.png", matrix, [f"stage {t + 1}" for t in range(stages)], s.tasks,
+                        title="expected")
+    assert np.array_equal(grid(run.out / "accuracy.png", stages, len(s.tasks)),
+                          grid(tmp_path / "expected.png", stages, len(s.tasks)))
+    # the partition: every task's training examples, each given to exactly one of the clients
+    config = run.cfg
+    assert (config.setting, config.method, config.preset) == (setting, method, "tiny")
+    parts = json.loads((run.out / "partition.json").read_text())
+    for task in s.tasks:
+        size = min(config.train_limit, config.train_examples) * len(s.datasets[task])
+        assert len(parts[task]) == config.fed.num_clients
+        assert sorted(i for client in parts[task] for i in client) == list(range(size))
+    assert json.loads((run.out / "config.json").read_text()) == json.loads(json.dumps(dataclasses.asdict(config)))
+    if continual:
+        assert run.progress() == (stages, 0)                      # the last checkpoint: every stage done
+    else:
+        assert not (run.out / CHECKPOINT).exists()
     if method == "disco":
-        assert len(on_disk["subspaces"]) == stages and (out / "activation.png").exists()
+        # DKO opened subspaces 0..K-1 and every one of them was trained by some task's clients
+        K = on_disk["subspaces"][-1]
+        assert len(on_disk["subspaces"]) == stages and (run.out / "activation.png").exists()
+        assert sorted(set().union(*on_disk["routes"].values())) == list(range(K))
+        assert on_disk["subspaces"] == sorted(on_disk["subspaces"]) and K <= config.rank // config.subspace_rank
+    else:
+        assert on_disk["subspaces"] is None and not (run.out / "activation.png").exists()
 
 
-def test_results_follow_the_metric_definitions(tiny_cache, tmp_path):
-    res, _ = run(tmp_path, "--setting", "task-het", "--method", "finetune")
-    acc = res["acc"]
+def test_results_follow_the_metric_definitions(tiny_run, tmp_path):
+    run = tiny_run("--setting", "task-het", "--method", "finetune")
+    setting = train.get_setting("task-het")
+    assert list(run.res["acc"][0]) == setting.seen_tasks(0)
+    assert {k: run.res[k] for k in ("last", "avg", "forgetting", "mean_forgetting", "bwt")} == \
+           metrics.summarize(run.res["acc"])
+    # the tiny runs score 0 everywhere, so the definitions are checked on what write_results makes of real numbers:
+    # task j after stage t scores 10 t + j where seen (Het: tasks recur and are first seen at any stage)
+    acc = [{task: 10.0 * t + j for j, task in enumerate(setting.tasks) if task in setting.seen_tasks(t)}
+           for t in range(setting.num_stages)]
+    history = {"acc": acc, "acc_datasets": acc, "subspaces": []}
+    res = train.write_results(str(tmp_path), run.cfg, setting, history, {}, 1.0, lambda *a: None)
+    assert res == json.loads((tmp_path / "results.json").read_text())
+    assert res["acc"] == acc
+    # Last: the mean over all tasks after the final stage; Avg: the mean over stages of the mean over seen tasks
     assert res["last"] == pytest.approx(np.mean(list(acc[-1].values())), abs=0.01)
     assert res["avg"] == pytest.approx(np.mean([np.mean(list(a.values())) for a in acc]), abs=0.01)
-    assert list(acc[0]) == train.get_setting("task-het").seen_tasks(0)
+    # forgetting of a task: its best score before the final stage minus its final score (here it only improves)
+    final = {j: max(a[j] for a in acc[:-1] if j in a) - acc[-1][j] for j in acc[-2]}
+    assert res["forgetting"] == pytest.approx(final, abs=0.01) and all(v < 0 for v in final.values())
+    assert res["mean_forgetting"] == pytest.approx(np.mean(list(final.values())), abs=0.01)
 
 
-def test_same_seed_same_numbers(tiny_cache, tmp_path):
-    a, _ = run(tmp_path, "--method", "disco", name="a")
-    b, _ = run(tmp_path, "--method", "disco", name="b")
-    assert a["acc"] == b["acc"] and a["subspaces"] == b["subspaces"]
+def test_disco_reports_own_gate_as_the_final_gate_on_its_routed_subspaces(tiny_run):
+    run = tiny_run("--method", "disco")
+    res, K = run.res, train.lora_layout(run.cfg)[0]
+    assert set(res["gates"]) == set(res["own_gate"]) == set(res["routes"]) == set(res["tasks"])
+    for task, gate in res["gates"].items():
+        assert len(gate) == K
+        assert sum(gate) == pytest.approx(1.0, abs=1e-3)          # softmax over the open subspaces, 0 elsewhere
+        assert res["own_gate"][task] == pytest.approx(sum(gate[k] for k in res["routes"][task]), abs=1e-4)
 
 
-def test_resume_after_a_crash_mid_stage_gives_the_same_results(tiny_cache, tmp_path, monkeypatch):
-    full, _ = run(tmp_path, "--method", "finetune", "--rounds", "2", name="full")
-    calls = {"n": 0}
-    real = train.checkpoint
-
-    def crashing(out, cfg_json):
-        save = real(out, cfg_json)
-
-        def on_round(p, strategy):
-            save(p, strategy)
-            calls["n"] += 1
-            if calls["n"] == 3:                                   # stage 2, round 1 saved, then the machine dies
-                raise KeyboardInterrupt
-        return on_round
-    monkeypatch.setattr(train, "checkpoint", crashing)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, "--method", "finetune", "--rounds", "2", name="crash")
-    monkeypatch.setattr(train, "checkpoint", real)
-    resumed, out = run(tmp_path, "--method", "finetune", "--rounds", "2", name="crash")
-    assert json.loads((out / "checkpoint.json").read_text())["stage"] == 8
-    assert resumed["acc"] == full["acc"]
+def test_same_seed_same_numbers(tiny_run):
+    a, b = tiny_run("--method", "disco"), tiny_run("--method", "disco", name="again")
+    assert a.out != b.out
+    assert a.res["acc"] == b.res["acc"] and a.res["subspaces"] == b.res["subspaces"]
+    assert a.res["gates"] == b.res["gates"] and a.res["routes"] == b.res["routes"]
+    assert (a.out / "partition.json").read_text() == (b.out / "partition.json").read_text()
+    x, y = (load_file(run.out / CHECKPOINT) for run in (a, b))
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
-def test_a_checkpoint_of_another_config_is_refused(tiny_cache, tmp_path):
-    run(tmp_path, "--method", "finetune", name="x")
-    with pytest.raises(ValueError, match="different configuration"):
-        run(tmp_path, "--method", "finetune", "--seed", "1", name="x")
+# ---------------------------------------------------------------------------- what a run prints
+ROUND = re.compile(r"stage (\d+)/(\d+) round (\d+)/(\d+) \| loss \d+\.\d{3}( \| subspaces \[[\d, ]*\] trained, "
+                   r"\d+ opened \(\d+ open\))? \| \S+ elapsed, ETA \S+( \+ evaluation)?")
+EVALUATED = re.compile(r"  evaluated (\d+)/(\d+) \S+: \d+\.\d \(\d+ questions, \d+\.\ds\)")
+AFTER_STAGE = re.compile(r"after stage (\d+): .* \| mean \d+\.\d")
+SUMMARY = re.compile(r"accuracy matrix \(rows.*|stage( +\S+)+|\s+\d+( +(\d+\.\d|-))+|Last \d+\.\d\d  Avg .*|wrote .*")
+ONCE = re.compile(r"generating the embedded benchmark into .*|pretraining the tiny base model into .*|"
+                  r"pretrain step \d+/\d+ .*")          # the session's first run makes the cache
+CLIENT = re.compile(r"  client +\d+ \[\S+, \d+ ex, subspace \d+\] loss \d+\.\d{3}")
+DKO = re.compile(r"  DKO client \d+: (opened|joined) subspace \d+ .*\[\S+\]")
+SVD = re.compile(r"  svd aggregation dropped .*")
+
+
+def kinds(lines):
+    """Each line's kind; 'other' for a line no pattern knows."""
+    named = (("round", ROUND), ("evaluated", EVALUATED), ("after", AFTER_STAGE), ("summary", SUMMARY),
+             ("once", ONCE), ("client", CLIENT), ("dko", DKO), ("svd", SVD))
+    return [next((k for k, p in named if p.fullmatch(line)), "other") for line in lines]
+
+
+def test_default_output_is_one_line_per_round_then_the_evaluation(tiny_run):
+    setting = train.get_setting("cap-hom")
+    run = tiny_run("--setting", "cap-hom", "--method", "disco")
+    k = kinds(run.lines)
+    assert "other" not in k, [line for line, kind in zip(run.lines, k) if kind == "other"]
+    assert not {"client", "dko", "svd"} & set(k)                   # no per-client detail without --verbose
+    rounds = [ROUND.fullmatch(line).groups()[:4] for line in run.lines if ROUND.fullmatch(line)]
+    R = PRESET["fed"]["rounds"]
+    assert rounds == [(str(t + 1), "4", str(r + 1), str(R)) for t in range(4) for r in range(R)]
+    assert k.count("evaluated") == sum(len(setting.seen_tasks(t)) for t in range(4))
+    assert [AFTER_STAGE.fullmatch(line).group(1) for line in run.lines if AFTER_STAGE.fullmatch(line)] == \
+           ["1", "2", "3", "4"]
+
+
+def test_verbose_adds_each_clients_line_and_its_routing_and_changes_no_result(tiny_run):
+    quiet = tiny_run("--setting", "cap-hom", "--method", "disco")
+    loud = tiny_run("--setting", "cap-hom", "--method", "disco", "--verbose")
+    k = kinds(loud.lines)
+    assert "other" not in k, [line for line, kind in zip(loud.lines, k) if kind == "other"]
+    clients = 4 * PRESET["fed"]["rounds"] * PRESET["fed"]["clients_per_round"]
+    assert k.count("client") == k.count("dko") == clients and k.count("svd") == 4 * PRESET["fed"]["rounds"]
+    assert [kind for kind in k if kind not in ("client", "dko", "svd", "once")] == \
+           [kind for kind in kinds(quiet.lines) if kind != "once"]
+    assert loud.res["acc"] == quiet.res["acc"] and loud.res["routes"] == quiet.res["routes"]
+    x, y = (load_file(run.out / CHECKPOINT) for run in (quiet, loud))            # the same model, bit for bit
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+# ---------------------------------------------------------------------------- flags
+def test_every_flag_default_is_its_dataclass_field():
+    args = train.parse_args([])
+    assert all(v is None for k, v in vars(args).items() if k not in ("fresh", "verbose"))
+    assert train.resolve(args) == train.RunConfig()
+    assert train.resolve(args).fed == FedConfig() and train.resolve(args).disco == fcit.DiscoConfig()
+    assert train.resolve(args).server == ServerConfig() and train.resolve(args).system == BaseConfig.system
+
+
+def test_a_preset_sets_its_fields_and_keeps_the_other_defaults():
+    fed = PRESET["fed"]
+    expected = train.RunConfig(**{k: v for k, v in PRESET.items() if k != "fed"}, preset="tiny", fed=FedConfig(**fed))
+    assert train.resolve(train.parse_args(["--preset", "tiny"])) == expected
+
+
+@pytest.mark.parametrize("flags, field, value", [
+    (["--threshold", "0"], ("disco", "threshold"), 0.0),              # was `args.threshold or 0.9`
+    (["--threshold", "-1"], ("disco", "threshold"), -1.0),
+    (["--mu", "0"], ("server", "mu"), 0.0),
+    (["--lr", "0.01", "--rounds", "3"], ("fed", "lr"), 0.01),
+    (["--aggregate", "ab"], ("fed", "aggregate"), "ab"),
+    (["--seed", "3"], ("seed",), 3),
+])
+def test_a_flag_given_reaches_its_config_field_also_when_falsy(flags, field, value):
+    cfg = train.resolve(train.parse_args(flags))
+    for name in field:
+        cfg = getattr(cfg, name)
+    assert cfg == value
+
+
+def test_methods_are_the_strategies_table():
+    assert train.METHODS == list(train.STRATEGIES)
+    assert {"disco", "finetune", "mtl", "zeroshot", "ewc", "lwf", "olora", "moelora"} == set(train.METHODS)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -83,8 +212,34 @@ def test_a_checkpoint_of_another_config_is_refused(tiny_cache, tmp_path):
     (["--beta", "0"], "--beta"),
     (["--beta", "-1"], "--beta"),
     (["--clients", "1000"], "clients"),
+    (["--threshold", "1.5"], "--threshold"),
 ])
 def test_bad_flags_fail_before_training(tiny_cache, tmp_path, flags, message):
+    out = tmp_path / "out"
     with pytest.raises(ValueError, match=message):
-        run(tmp_path, *flags)
-    assert not (tmp_path / "out" / "results.json").exists()
+        train.main(["--preset", "tiny", "--out", str(out), *flags], log=lambda *a: None)
+    assert not out.exists()                                         # stopped before anything was written
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def test_resume_after_a_crash_mid_stage_gives_the_same_results(tiny_run, crash_and_resume, tmp_path):
+    flags = ["--method", "finetune", "--rounds", "2"]
+    full = tiny_run(*flags)
+    # checkpoints 1, 2: stage 1's rounds; 3: stage 1 evaluated; 4: stage 2 round 1, where the machine dies
+    resumed, died = crash_and_resume(flags, crash_at=4, out=tmp_path / "crash")
+    assert died == (1, 1)                                          # next: stage 2 (index 1), its round 2 (index 1)
+    assert sum(line.startswith("resuming from") for line in resumed.lines) == 1
+    # it trained only the rounds left: stage 2 round 2 and the 6 stages after it
+    assert [line.split(" |")[0] for line in resumed.lines if ROUND.fullmatch(line)] == \
+           [f"stage {t + 1}/8 round {r + 1}/2" for t in range(1, 8) for r in range(2)][1:]
+    assert resumed.progress() == (8, 0)
+    assert resumed.res["acc"] == full.res["acc"]
+    a, b = (load_file(run.out / CHECKPOINT) for run in (full, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_checkpoint_of_another_config_is_refused(tiny_run, copy_run):
+    run = tiny_run("--method", "finetune")
+    out = copy_run(run)
+    with pytest.raises(ValueError, match=re.escape(str(out / CHECKPOINT)) + r": a checkpoint of another run \(.*seed: 0 -> 1"):
+        train.main([*run.argv, "--seed", "1", "--out", str(out)], log=lambda *a: None)

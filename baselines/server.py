@@ -21,18 +21,27 @@ client's AdamW at lr 2e-3 moves it in a local epoch of a few steps); --server-lr
 
 Subspaces (DISCO): every rule is elementwise, so it applies to every tensor of the state; but a subspace that no
 client trained this round must not move, or old momentum would drift a task's subspace after its clients are
-gone. `slot_mask` says where the server may step; outside it x, m and v are kept exactly as they were (a lazy,
+gone. `subspace_mask` says where the server may step; outside it x, m and v are kept exactly as they were (a lazy,
 sparse-Adam-like update). Momentum on LoRA factors needs factors that stay comparable across rounds, that is
 `--aggregate ab`; with `svd` the factors are re-factored every round (train.resolve refuses that combination).
 
+`ServerOptimizer(strategy, cfg)` puts a server on top of any strategy (Finetune, DISCO, a baseline): it changes
+the aggregate, adds FedProx's local term, and keeps the moments in the checkpoint; everything else is the wrapped
+strategy's. Plain FedAvg is no wrapper at all (train.py wraps only for --server other than fedavg).
+
+    python train.py --setting task-hom --server fedadam --aggregate ab
 Tests: python -m pytest -q tests/test_server.py
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from federated import add_losses, client_state, strip_prefix
+from lora import split_factor
 
 # K subspaces, R rank, I d_in, O d_out
 
@@ -57,8 +66,12 @@ class ServerConfig:
                              f"as it is (eta 1)")
         if self.lr is None:
             self.lr = 1e-2 if self.name in ("fedadagrad", "fedadam", "fedyogi") else 1.0
-        if self.lr <= 0 or self.tau <= 0 or self.mu < 0 or not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ValueError("server.ServerConfig: need --server-lr > 0, tau > 0, --mu >= 0 and betas in [0, 1)")
+        for name, x, ok in (("--server-lr", self.lr, 0 < self.lr < math.inf), ("--mu", self.mu, 0 <= self.mu < math.inf),
+                            ("tau", self.tau, 0 < self.tau < math.inf), ("beta1", self.beta1, 0 <= self.beta1 < 1),
+                            ("beta2", self.beta2, 0 <= self.beta2 < 1)):
+            if not ok:                                                # nan fails every comparison
+                raise ValueError(f"server.ServerConfig: {name} is out of range, got {x} (--server-lr and tau must be "
+                                 f"finite and > 0, --mu finite and >= 0, the betas in [0, 1))")
 
 
 # ---------------------------------------------------------------------------- one step of one tensor
@@ -88,15 +101,15 @@ def moments(name: str, delta: Tensor, m: Tensor, v: Tensor, cfg: ServerConfig) -
 
 
 # ---------------------------------------------------------------------------- one step of the whole state
-def slot_mask(state: dict[str, Tensor], slots) -> dict[str, Tensor]:
-    """Where the server may step this round: the LoRA subspaces in `slots` (a (K, 1, 1) boolean over A (K, R, I)
-    and B (K, O, R), the keys ending in .A / .B as in federated.aggregate); tensors absent from the mask (the
+def subspace_mask(state: dict[str, Tensor], subspaces) -> dict[str, Tensor]:
+    """Where the server may step this round: the LoRA subspaces in `subspaces` (a (K, 1, 1) boolean over A (K, R, I)
+    and B (K, O, R), the LoRA factors as lora.split_factor tells them); tensors absent from the mask (the
     projector, a router) are stepped entirely."""
     mask = {}
     for key, x in state.items():
-        if key.endswith(".A") or key.endswith(".B"):
+        if split_factor(key):
             m = torch.zeros(x.shape[0], 1, 1, dtype=torch.bool, device=x.device)  # (K, 1, 1)
-            m[sorted(slots)] = True
+            m[sorted(subspaces)] = True
             mask[key] = m
     return mask
 
@@ -131,3 +144,33 @@ def proximal_loss(anchor: dict[str, Tensor], *, mu: float):
         params = dict(model.named_parameters())
         return 0.5 * mu * sum((params[k].float() - w.float()).square().sum() for k, w in anchor.items())
     return loss
+
+
+# ---------------------------------------------------------------------------- the wrapper strategy
+class ServerOptimizer:
+    """`strategy` with the server optimizer `cfg` on top. Only aggregate, extra_loss, state and load differ; every
+    other attribute is the wrapped strategy's (its subspaces, gates, report)."""
+
+    def __init__(self, strategy, cfg: ServerConfig):
+        self.strategy, self.cfg, self.moments = strategy, cfg, {}
+
+    def __getattr__(self, name):
+        return getattr(self.strategy, name)
+
+    def aggregate(self, global_state, states, weights, subspaces):
+        new = self.strategy.aggregate(global_state, states, weights, subspaces)
+        mask = subspace_mask(global_state, self.strategy.trained_subspaces(subspaces))
+        new, self.moments = step(global_state, new, self.moments, mask, self.cfg)
+        return new
+
+    def extra_loss(self, stage):
+        # the loop asks right after loading the global state into the model: the anchor is w_global
+        own = proximal_loss(client_state(self.strategy.model), mu=self.cfg.mu) if self.cfg.name == "fedprox" else None
+        return add_losses(own, self.strategy.extra_loss(stage))
+
+    def state(self):
+        return {**self.strategy.state(), **{f"server.{k}": v for k, v in self.moments.items()}}
+
+    def load(self, state):
+        self.strategy.load(state)
+        self.moments = strip_prefix(state, "server.")

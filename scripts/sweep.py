@@ -1,10 +1,10 @@
 """The comparison of FCIT (arXiv:2503.12897, Table 1) in one command: every method on every setting at the same
 budget (train.py's defaults: the same total LoRA rank, rounds, clients and data), then the table.
 
-    python sweep.py                                   # 8 methods x 4 settings, beta 1.0, seed 0
-    python sweep.py --betas 0.5 1.0 5.0 --seeds 0 1 2 # the paper's three betas, mean +- std over seeds
-    python sweep.py --table-only                      # rebuild runs/table.md and table.png from finished runs
-    python sweep.py --methods finetune disco -- --rounds 5   # flags after -- go to every train.py run
+    python -m scripts.sweep                                   # 8 methods x 4 settings, beta 1.0, seed 0
+    python -m scripts.sweep --betas 0.5 1.0 5.0 --seeds 0 1 2 # the paper's three betas, mean +- std over seeds
+    python -m scripts.sweep --table-only                      # rebuild runs/table.md and table.png from finished runs
+    python -m scripts.sweep --methods finetune disco -- --rounds 5   # flags after -- go to every train.py run
 
 Each run writes runs/<setting>_<method>_b<beta>_s<seed>/ (train.py's default folder). A run whose results.json
 exists is skipped, so a sweep that was interrupted resumes where it stopped; a run interrupted mid-stage resumes

@@ -13,10 +13,10 @@ a box, a caption). CLEVR-Math and super-CLEVR share their image style on purpose
 identity tokens). The base model learns to *describe* scenes (`pretraining_mixture`, none of the 12 datasets'
 instructions or answer forms), so instruction tuning only has to learn each task's question and answer form.
 
-    python -c "import synthetic, numpy; print(synthetic.sample('CLEVR-Math', numpy.random.default_rng(0))[1:])"
+    python -c "from embedded import benchmark; import numpy; print(benchmark.sample('CLEVR-Math', numpy.random.default_rng(0))[1:])"
 
 `write_release(root, seed=, sizes=)` writes the official release layout (instructions/<Dataset>/{train,test}.json,
-images under datasets/<Dataset>/). Tests: python -m pytest -q tests/test_data.py
+images under datasets/<Dataset>/). Tests: python -m pytest -q tests/test_embedded.py
 """
 import json
 import os

@@ -1,10 +1,10 @@
-"""Measurements that back the claims of the README (printed figures, never timed tests).
+"""Measurements that back the claims of the README and RESULTS.md (printed figures, never timed tests).
 
-    python bench.py speed        # gated K-subspace LoRA vs plain LoRA of the same total rank; routing + aggregation
-                                 # time as a share of a round
-    python bench.py similarity   # identity-token cosine structure on the embedded benchmark: same-dataset clients
-                                 # vs different datasets, against the DKO threshold
-    python bench.py gpu          # one client's local epoch + a gated evaluation batch on LLaVA-7B shapes (CUDA)
+    python -m scripts.bench speed       # gated K-subspace LoRA vs plain LoRA of the same total rank; routing and
+                                        # aggregation time as a share of a round
+    python -m scripts.bench similarity  # identity-token cosine structure on the embedded benchmark: same-dataset
+                                        # clients vs different datasets, against the DKO threshold
+    python -m scripts.bench gpu         # one client's local epoch + a gated evaluation batch on LLaVA-7B shapes
 """
 import argparse
 import time
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 import fcit
-from lora import LoRALinear
+from lora import LoRALinear, gated
 
 
 def timeit(fn, repeat=20):
@@ -49,11 +49,8 @@ def speed(args):
 
 
 def multi_gated(layer, x, gate):
-    layer.gate = gate
-    try:
+    with gated(layer, gate):
         return layer(x)
-    finally:
-        layer.gate = None
 
 
 def similarity(args):
@@ -61,11 +58,11 @@ def similarity(args):
     cosine between clients of the same dataset and of different datasets, against tau; then, per dataset, the
     SSA gate its test questions put on their own dataset's token (task-related datasets, eps = 0.05)."""
     import model as M
-    import synthetic
     from data import TASK_ORDER, load_dataset
-    root = synthetic.write_release(args.data, seed=0)
+    from embedded import benchmark
+    root = benchmark.write_release(args.data, seed=0)
     mdl, proc = M.load_llava(args.base)
-    names, rng = list(synthetic.DATASETS), np.random.default_rng(0)
+    names, rng = list(benchmark.DATASETS), np.random.default_rng(0)
     train = {n: [e.question for e in load_dataset(root, n, "train")] for n in names}
     tokens, labels = [], []
     for name in names:
@@ -102,16 +99,20 @@ def gpu(args):
     import tempfile
 
     import model as M
-    import synthetic
+    import train
     from data import load_dataset
-    from federated import FedConfig, local_train, evaluate_dataset, Disco
-    from fcit import DiscoConfig, TokenCache
+    from embedded import benchmark
+    from embedded.base import build_tokenizer
+    import metrics
+    from federated import Disco, FedConfig, local_train
+    from fcit import TokenCache
     from lora import LoRAConfig, add_lora
+    from PIL import Image
     from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
     from transformers import LlavaProcessor
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    tok = M.build_tokenizer(synthetic.corpus(0) + [M.VICUNA_SYSTEM, "user : assistant :"])
+    tok = build_tokenizer(benchmark.corpus(0) + [M.VICUNA_SYSTEM, "user : assistant :"])
     size, patch = (336, 14) if not args.tiny else (28, 14)
     vision = CLIPVisionConfig(**(dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                                       num_attention_heads=16, projection_dim=768) if not args.tiny else
@@ -146,32 +147,35 @@ def gpu(args):
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"built on {device} in {time.perf_counter() - t0:.0f}s: {n_base / 1e9:.2f} B frozen ({dtype}), "
           f"{n_train / 1e6:.1f} M trainable (LoRA fp32 + projector)", flush=True)
-    root = synthetic.write_release(tempfile.mkdtemp(), seed=0, sizes=synthetic.Sizes(args.examples, 32))
+    root = benchmark.write_release(tempfile.mkdtemp(), seed=0, sizes=benchmark.Sizes(args.examples, 32))
     examples = load_dataset(root, "CLEVR-Math", "train")
     cfg = FedConfig(lr=2e-4, projector_lr=2e-5, batch_size=args.batch, micro_batch=args.micro_batch,
-                    system=M.VICUNA_SYSTEM, eval_batch=args.eval_batch, max_new_tokens=16)
-    tokens = sum(int(M.collate(processor, [M.Image.new("RGB", (size, size))], [e.question], [e.answer],
-                               system=cfg.system)["attention_mask"].sum()) for e in examples)
+                    eval_batch=args.eval_batch, max_new_tokens=16)
+    run = train.RunConfig(system=M.VICUNA_SYSTEM, device=device, fed=cfg)
+    harness = train.make_harness(model, processor, {}, run, log=None)
+    harness.encode_text = lambda qs: torch.randn(len(qs), 128)     # random identity features: no encoder to load
+    tokens = sum(int(M.collate(processor, [Image.new("RGB", (size, size))], [e.question], [e.answer],
+                               system=run.system)["attention_mask"].sum()) for e in examples)
     gate = torch.nn.functional.one_hot(torch.tensor(3), 8).float()
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    _, loss = local_train(model, processor, examples, gate=gate, cfg=cfg, rng=np.random.default_rng(0))
+    _, loss = local_train(model, harness, examples, gate=gate, cfg=cfg, rng=np.random.default_rng(0))
     if device == "cuda":
         torch.cuda.synchronize()
     train_s = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     # evaluation: batched greedy decoding, each row gated by its own softmax over 8 subspaces (SSA)
-    strategy = Disco(model, processor, cfg, disco=DiscoConfig(max_subspaces=8))
+    strategy = Disco(model, harness, cfg)
     strategy.cache = TokenCache(torch.nn.functional.normalize(torch.randn(8, 128), dim=-1), torch.full((8,), 100))
-    strategy.encode_text = lambda qs: torch.randn(len(qs), 128)
     test = load_dataset(root, "CLEVR-Math", "test")[:args.eval_batch]
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    evaluate_dataset(model, processor, "CLEVR-Math", test, strategy, cfg)
+    metrics.evaluate_dataset(train.answerer(model, processor, run), strategy.eval_gate, "exact", test,
+                             batch=cfg.eval_batch)
     if device == "cuda":
         torch.cuda.synchronize()
     eval_s = time.perf_counter() - t0

@@ -1,0 +1,5 @@
+"""Scripts around the experiment: run them from the repository root as modules.
+
+    python -m scripts.sweep    every method on every setting (resumable), then the comparison table
+    python -m scripts.bench    the measurements behind the README's speed and identity-token figures
+"""

@@ -1,0 +1,4 @@
+"""Where a run's files are written so that a crash loses at most a round and never leaves a wrong one.
+
+    checkpoint.py   one atomic checkpoint file with its progress and fingerprint inside; atomic JSON and PNG writes
+"""
