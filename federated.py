@@ -72,6 +72,10 @@ def client_state(model):
 def load_client_state(model, state):
     """Copy a client_state dict into the model in place (optimizers keep their references)."""
     params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+    if missing:
+        raise ValueError(f"federated.load_client_state: the state has no '{missing[0]}' ({len(missing)} trainable "
+                         f"parameters missing); was it made by a model with the same LoRA layout?")
     for n, v in state.items():
         if n not in params or params[n].shape != v.shape:
             got = "no such parameter" if n not in params else f"the model's is {tuple(params[n].shape)}"

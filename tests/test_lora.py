@@ -182,8 +182,6 @@ def test_a_refused_client_state_leaves_the_model_as_it_was():
     assert all(torch.equal(v, before[k]) for k, v in client_state(model).items())
 
 
-@pytest.mark.xfail(strict=True, reason="federated.load_client_state accepts a state that lacks one of the model's "
-                                        "trainable parameters and leaves that parameter as it was (reported)")
 def test_load_client_state_refuses_a_state_without_one_of_the_models_parameters():
     model = lora_llama()
     state = client_state(model)
