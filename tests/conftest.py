@@ -27,9 +27,9 @@ def tiny_cache(tmp_path_factory):
         os.environ["FCIT_CACHE"] = old
 
 
-# The end-to-end runs: the tiny preset on the first 20 training and 2 test records of each dataset. Every code path
-# of a full run (all stages, rounds, clients, aggregation, evaluation, checkpoints) at a fraction of its time.
-TINY = ["--preset", "tiny", "--train-limit", "20", "--test-limit", "2"]
+# The end-to-end runs: the tiny preset on the first 16 training records and the first test record of each dataset.
+# Every code path of a full run (all stages, rounds, clients, aggregation, evaluation, checkpoints) in seconds.
+TINY = ["--preset", "tiny", "--train-limit", "16", "--test-limit", "1"]
 
 
 @dataclasses.dataclass

@@ -282,8 +282,8 @@ def test_the_built_model_has_the_methods_lora_layout(tiny_cache, method):
 def test_resume_after_a_crash_gives_the_same_results(tiny_run, crash_and_resume, tmp_path, flags, crash_at, died_at):
     """crash_at 2: after the stage's last round, before end_stage (EWC's Fisher must be in the checkpoint);
     3: after the end of stage 1 (a server's moments must be in the checkpoint)."""
-    flags = ["--rounds", "2", *flags]
-    full = tiny_run(*flags)
+    flags = ["--setting", "task-hom", "--rounds", "2", *flags]
+    full = tiny_run(*flags)                        # test_train.py's run of the method (test_server.py's for fedadam)
     resumed, died = crash_and_resume(flags, crash_at=crash_at, out=tmp_path / "crash")
     assert died == died_at
     assert sum(line.startswith("resuming from") for line in resumed.lines) == 1

@@ -23,6 +23,13 @@ from storage.checkpoint import CHECKPOINT
 SETTINGS = ["task-hom", "task-het", "cap-hom", "cap-het"]
 PRESET = train.PRESETS["tiny"]
 ONE_STAGE = ("zeroshot", "mtl")                                  # evaluated once, on every task
+# task-hom's runs take 2 rounds a stage: they are also the uninterrupted runs the resume tests compare with
+# (test_baselines.py, and --server fedadam in test_server.py), and a crash can then fall mid-stage
+ROUNDS = {"task-hom": ["--rounds", "2"]}
+
+
+def flags(setting, method):
+    return ["--setting", setting, "--method", method, *ROUNDS.get(setting, [])]
 
 
 def grid(path, rows, cols):
@@ -38,7 +45,7 @@ def grid(path, rows, cols):
 @pytest.mark.parametrize("setting", SETTINGS)
 @pytest.mark.parametrize("method", train.METHODS)
 def test_every_setting_and_method_runs(tiny_run, tmp_path, setting, method):
-    run = tiny_run("--setting", setting, "--method", method)
+    run = tiny_run(*flags(setting, method))
     on_disk, s = run.results(), train.get_setting(setting)
     assert on_disk == json.loads(json.dumps(run.res))              # results.json is what main returned
     assert on_disk["setting"] == setting and on_disk["method"] == method and on_disk["tasks"] == s.tasks
@@ -60,6 +67,8 @@ def test_every_setting_and_method_runs(tiny_run, tmp_path, setting, method):
     # the partition: every task's training examples, each given to exactly one of the clients
     config = run.cfg
     assert (config.setting, config.method, config.preset) == (setting, method, "tiny")
+    rounds = config.fed.rounds if continual else 0
+    assert len([line for line in run.lines if line.startswith("stage ") and " round " in line]) == stages * rounds
     parts = json.loads((run.out / "partition.json").read_text())
     for task in s.tasks:
         size = min(config.train_limit, config.train_examples) * len(s.datasets[task])
@@ -104,7 +113,7 @@ def test_results_follow_the_metric_definitions(tiny_run, tmp_path):
 
 
 def test_disco_reports_own_gate_as_the_final_gate_on_its_routed_subspaces(tiny_run):
-    run = tiny_run("--method", "disco")
+    run = tiny_run(*flags("task-hom", "disco"))
     res, K = run.res, train.lora_layout(run.cfg)[0]
     assert set(res["gates"]) == set(res["own_gate"]) == set(res["routes"]) == set(res["tasks"])
     for task, gate in res["gates"].items():
@@ -114,7 +123,7 @@ def test_disco_reports_own_gate_as_the_final_gate_on_its_routed_subspaces(tiny_r
 
 
 def test_same_seed_same_numbers(tiny_run):
-    a, b = tiny_run("--method", "disco"), tiny_run("--method", "disco", name="again")
+    a, b = tiny_run(*flags("task-hom", "disco")), tiny_run(*flags("task-hom", "disco"), name="again")
     assert a.out != b.out
     assert a.res["acc"] == b.res["acc"] and a.res["subspaces"] == b.res["subspaces"]
     assert a.res["gates"] == b.res["gates"] and a.res["routes"] == b.res["routes"]
@@ -223,10 +232,10 @@ def test_bad_flags_fail_before_training(tiny_cache, tmp_path, flags, message):
 
 # ---------------------------------------------------------------------------- checkpoints
 def test_resume_after_a_crash_mid_stage_gives_the_same_results(tiny_run, crash_and_resume, tmp_path):
-    flags = ["--method", "finetune", "--rounds", "2"]
-    full = tiny_run(*flags)
+    full = tiny_run(*flags("task-hom", "finetune"))
+    assert full.cfg.fed.rounds == 2
     # checkpoints 1, 2: stage 1's rounds; 3: stage 1 evaluated; 4: stage 2 round 1, where the machine dies
-    resumed, died = crash_and_resume(flags, crash_at=4, out=tmp_path / "crash")
+    resumed, died = crash_and_resume(flags("task-hom", "finetune"), crash_at=4, out=tmp_path / "crash")
     assert died == (1, 1)                                          # next: stage 2 (index 1), its round 2 (index 1)
     assert sum(line.startswith("resuming from") for line in resumed.lines) == 1
     # it trained only the rounds left: stage 2 round 2 and the 6 stages after it
@@ -239,7 +248,7 @@ def test_resume_after_a_crash_mid_stage_gives_the_same_results(tiny_run, crash_a
 
 
 def test_a_checkpoint_of_another_config_is_refused(tiny_run, copy_run):
-    run = tiny_run("--method", "finetune")
+    run = tiny_run(*flags("task-hom", "finetune"))
     out = copy_run(run)
     with pytest.raises(ValueError, match=re.escape(str(out / CHECKPOINT)) + r": a checkpoint of another run \(.*seed: 0 -> 1"):
         train.main([*run.argv, "--seed", "1", "--out", str(out)], log=lambda *a: None)
