@@ -39,6 +39,17 @@ METRIC = {"ImageNet-R": "exact", "ArxivQA": "exact", "IconQA": "exact", "CLEVR-M
           "AOKVQA": "exact", "Grounding": "iou", "DVQA": "substring", "TabMWP": "exact"}
 
 
+def rules(root, known):
+    """{dataset: scoring rule}: METRIC (the official rules) with what the release declares in ROOT/rules.json
+    (the embedded benchmark declares its caption rule there); every rule one of `known` (metrics.RULES)."""
+    path = os.path.join(root, "rules.json")
+    declared = read_json(path) if os.path.exists(path) else {}
+    if not isinstance(declared, dict) or not set(declared) <= set(METRIC) or not set(declared.values()) <= set(known):
+        raise ValueError(f"{path}: expected {{dataset: rule}} with datasets of {sorted(METRIC)} and rules of "
+                         f"{sorted(known)}, got {declared!r}")
+    return {**METRIC, **declared}
+
+
 @dataclass(frozen=True)
 class Release:
     folder: str                 # ROOT/instructions/<folder>/

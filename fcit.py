@@ -10,6 +10,8 @@ Concepts (the names are the paper's and are used the same way in every file):
                    aggregated in subspace k; a client close to none opens a new subspace
                        s_k = cos(t_c, g_k);   max_k s_k >= tau  ->  k* = argmax_k s_k,
                        g_k* <- (n_k* g_k* + n_c t_c) / (n_k* + n_c),   n_k* <- n_k* + n_c      (tau = 0.9)
+                   when it may open (--open): in every round (the paper's text) or only in a stage's first round
+                   (the official code; later rounds join argmax_k s_k whatever s_k)
   SSA              Subspace Selective Activation (inference): each question gates the subspaces by itself
                        a_k = exp(s_k / eps) / sum_j exp(s_j / eps),   s_k = cos(f(question), g_k)   (eps = 0.05)
 
@@ -44,6 +46,7 @@ from torch import Tensor
 ACTIVATIONS = ("softmax", "argmax", "cosine", "concat")
 AGGREGATIONS = ("svd", "ab")
 IDENTITIES = ("text", "image", "both")
+OPENINGS = ("every-round", "first-round")
 
 
 @dataclass
@@ -52,6 +55,10 @@ class DiscoConfig:
     temperature: float = 0.05  # eps of the SSA softmax
     activation: str = "softmax"  # softmax | argmax | cosine | concat  (the paper's ablation, notes 2.3)
     identity: str = "text"  # what identity tokens encode: text (paper) | image | both (the paper's ablation)
+    # when DKO may open a subspace: every-round (the paper's text: tau applies to every client) | first-round (the
+    # official code: only a stage's first round opens; later rounds join the nearest subspace). The default is to be
+    # chosen by measurement over seeds 0-2 (fcit-paper-notes.md, "When DKO opens subspaces")
+    open: str = "every-round"
     # K_max, the most subspaces DKO may open, is not a field: it is the number of subspaces the LoRA layers hold,
     # rank / subspace_rank (federated.Disco.lora_layout)
 
@@ -60,6 +67,8 @@ class DiscoConfig:
             raise ValueError(f"fcit.DiscoConfig: activation {self.activation!r} is not one of {ACTIVATIONS}")
         if self.identity not in IDENTITIES:
             raise ValueError(f"fcit.DiscoConfig: identity {self.identity!r} is not one of {IDENTITIES}")
+        if self.open not in OPENINGS:
+            raise ValueError(f"--open {self.open!r} is unknown; choose one of {', '.join(OPENINGS)}")
         if not 0 < self.temperature < math.inf:
             raise ValueError(f"fcit.DiscoConfig: temperature must be a positive number, got {self.temperature}")
         if not -1 <= self.threshold <= 1:
@@ -103,14 +112,24 @@ def cosine_similarity(queries: Tensor, tokens: Tensor) -> Tensor:
 
 # ---- Dynamic Knowledge Organization
 
+def may_open(rule: str, round: int) -> bool:
+    """Whether DKO may open a subspace in this round (0-based, within its stage) under --open `rule`."""
+    if rule not in OPENINGS:
+        raise ValueError(f"fcit.may_open: unknown rule {rule!r}; use one of {OPENINGS}")
+    # every-round: tau decides in every round (paper);  first-round: only round 0 of a stage opens (official code)
+    return rule == "every-round" or round == 0
+
+
 def route_clients(tokens: Tensor, counts: Tensor | Sequence[int], cache: TokenCache, *, threshold: float,
-                  max_subspaces: int, client_ids: Sequence | None = None
+                  max_subspaces: int, client_ids: Sequence | None = None, open_new: bool = True
                   ) -> tuple[list[int], TokenCache, list[str]]:
     """DKO for the clients of one round, in order, before they train.
 
     Returns the subspace of each client, the new cache (the inputs are not mutated) and one log line per client.
     A client sees the subspaces opened by the clients before it, so two clients of a new task share one new
-    subspace. `client_ids` only names the clients in the log (default 0..C-1).
+    subspace. `client_ids` only names the clients in the log (default 0..C-1). open_new=False (a later round under
+    --open first-round, see may_open) sends every client to its nearest subspace whatever its cosine; with no
+    subspace open yet there is nothing to join, and the client opens one all the same.
     """
     counts = torch.as_tensor(counts, dtype=torch.int64)  # (C,)
     if tokens.ndim != 2 or counts.shape != (tokens.shape[0],):
@@ -131,6 +150,10 @@ def route_clients(tokens: Tensor, counts: Tensor | Sequence[int], cache: TokenCa
         k = int(s.argmax()) if len(s) else -1
         if len(s) and best >= threshold:
             log.append(f"client {names[c]}: joined subspace {k} (cos {best:.2f} >= {threshold:.2f})")
+        elif len(s) and not open_new:
+            # k* = argmax_k s_k without tau: only a stage's first round opens (--open first-round, official code)
+            log.append(f"client {names[c]}: joined the nearest subspace {k} (cos {best:.2f} < {threshold:.2f}; "
+                       f"only a stage's first round opens subspaces)")
         elif len(g) < max_subspaces:
             # s_k < tau for every k: open subspace K+1, empty; the running mean below makes g_new = t_c, n_new = n_c
             k = len(g)

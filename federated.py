@@ -215,6 +215,7 @@ class Finetune:
     Every other method is this class with some of its answers changed."""
     name = "finetune"
     layer = LoRALinear                                                # the LoRA layer class add_lora wraps with
+    factor_state = None         # what it keeps in LoRA-factor coordinates across rounds: needs ab (train.factor_state)
 
     @staticmethod
     def lora_layout(*, rank, subspace_rank, num_stages):
@@ -229,8 +230,8 @@ class Finetune:
         """K, as the LoRA layers hold it."""
         return next(iter(lora_modules(self.model).values())).num_subspaces
 
-    def assign(self, stage, jobs):
-        """The subspace each client of the round trains (jobs: list of (client, task, examples))."""
+    def assign(self, stage, round, jobs):
+        """The subspace each client of the round trains (stage, round 0-based; jobs: (client, task, examples))."""
         return [0] * len(jobs)
 
     def train_gate(self, subspace):
@@ -298,14 +299,15 @@ class Disco(Finetune):
             parts.append(self.harness.encode_images(examples))
         return torch.cat([torch.nn.functional.normalize(p, dim=-1) for p in parts], -1)          # (N, D)
 
-    def assign(self, stage, jobs):
+    def assign(self, stage, round, jobs):
         tokens = torch.stack([fcit.identity_token(self.features(ex)) for _, _, ex in jobs])   # (C, D)
         counts = [len(ex) for _, _, ex in jobs]
         if self.cache is None:
             self.cache = fcit.TokenCache.empty(tokens.shape[1])
         subspaces, self.cache, lines = fcit.route_clients(tokens, counts, self.cache, threshold=self.hp.threshold,
                                                           max_subspaces=self.num_subspaces(),
-                                                          client_ids=[c for c, _, _ in jobs])
+                                                          client_ids=[c for c, _, _ in jobs],
+                                                          open_new=fcit.may_open(self.hp.open, round))
         for line, (_, task, _) in zip(lines, jobs):
             # a client that had to join although no subspace matched is a forgetting risk: always said
             (self.log if "cap of" in line else self.detail)(f"  DKO {line} [{task}]")
@@ -396,7 +398,7 @@ def run_continual(model, harness, setting, data, parts, strategy, cfg: FedConfig
             rng = np.random.default_rng([seed, t, r])
             jobs = round_jobs(setting, data, parts, t, sample_clients(cfg.num_clients, cfg.clients_per_round, rng))
             opened_before = strategy.open_subspaces()
-            subspaces = strategy.assign(t, jobs)
+            subspaces = strategy.assign(t, r, jobs)
             states, weights, losses, trained = [], [], [], []
             for i, ((client, task, examples), k) in enumerate(zip(jobs, subspaces)):
                 load_client_state(model, p.global_state)

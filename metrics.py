@@ -4,7 +4,8 @@ accuracy matrix, Last / Avg / forgetting, with the formulas written down.
 Four sections:
   1. answer rules, per sample: exact match, substring (FigureQA, DVQA), Acc@IoU>0.5 (Grounding), and CIDEr-D
      (Flickr30k; Vedantam et al. 2015, "CIDEr: Consensus-based Image Description Evaluation", as implemented
-     in coco-caption / pycocoevalcap `cider_scorer.py`); `task_score` maps a task's predictions to 0-100.
+     in coco-caption / pycocoevalcap `cider_scorer.py`), and the embedded benchmark's caption-relative (CIDEr-D
+     over the first reference's own CIDEr-D); `task_score` maps a task's predictions to 0-100.
   2. continual metrics over a[t][j] = score on task j after stage t (the paper's experimental setup; notes 1.4):
      Last, Avg, forgetting, backward transfer.
   3. the evaluation after a stage: every test question of every seen task, each answered under the gate its own
@@ -131,21 +132,29 @@ def cider_d(candidates: list[str], references: list[list[str]], *, n: int = 4, s
 
 
 METRICS = {"exact": exact_match, "substring": substring_match, "iou": iou_match}  # per-sample rules
+CAPTIONS = ("caption", "caption-relative")                                          # rules over a task's captions
+RULES = (*METRICS, *CAPTIONS)
 
 
 def task_score(metric: str, predictions: list[str], answers: list) -> float:
     """One task's score in percent, [0, 100]. answers[i] is a string or a list (for per-sample rules the first
-    element is the answer; for "caption" the list is the reference set)."""
-    if metric not in METRICS and metric != "caption":
-        raise ValueError(f"unknown metric {metric!r}; known: {sorted([*METRICS, 'caption'])}")
+    element is the answer; for the caption rules the list is the reference set)."""
+    if metric not in RULES:
+        raise ValueError(f"unknown metric {metric!r}; known: {sorted(RULES)}")
     if not predictions or len(predictions) != len(answers):
         raise ValueError(f"task_score: need equally many predictions and answers, got "
                          f"{len(predictions)} and {len(answers)}")
-    if metric == "caption":
+    if metric in CAPTIONS:
         refs = [[a] if isinstance(a, str) else list(a) for a in answers]
-        # CIDEr-D is unbounded (x10, typically 0.5-1.5 -> 50-150 as percent); clipped at 100 so one task
-        # stays on the same 0-100 scale as the accuracies it is averaged with in Last and Avg
-        return min(100.0, float(np.mean(cider_d(predictions, refs))) * 100.0)
+        scores = np.array(cider_d(predictions, refs))
+        if metric == "caption":
+            # CIDEr-D is unbounded (x10, typically 0.5-1.5 -> 50-150 as percent); clipped at 100 so one task
+            # stays on the same 0-100 scale as the accuracies it is averaged with in Last and Avg
+            return min(100.0, float(scores.mean()) * 100.0)
+        # caption-relative (the embedded benchmark, whose references are templated): per image,
+        # s_i = min(1, CIDEr-D(c_i, R_i) / CIDEr-D(R_i[0], R_i)), the caption against the first reference's own score
+        ceiling = np.array(cider_d([r[0] for r in refs], refs))
+        return float(np.mean(np.minimum(1.0, scores / np.maximum(ceiling, 1e-9)))) * 100.0
     rule = METRICS[metric]
     hits = [rule(p, a if isinstance(a, str) else a[0]) for p, a in zip(predictions, answers)]
     return float(np.mean(hits)) * 100.0

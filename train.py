@@ -13,7 +13,8 @@ OUT/partition.json, OUT/config.json, OUT/checkpoint.* and, for DISCO, OUT/activa
 every round lets an interrupted run continue where it stopped (run the same command again; --fresh ignores it).
 Methods: zeroshot (the base model), mtl (centralized multi-task upper bound), finetune and disco (federated.py), and
 the baselines ewc, lwf, olora, moelora (baselines/). Servers (--server, baselines/server.py): fedavg, fedprox,
-fedavgm, fedadagrad, fedadam, fedyogi; the last four need --aggregate ab.
+fedavgm, fedadagrad, fedadam, fedyogi. --aggregate is the method's choice unless given: ab for ewc and the last four
+servers, which keep state in the coordinates of the LoRA factors (svd re-factors them every round), svd otherwise.
 Tests: python -m pytest tests/test_train.py
 """
 import argparse
@@ -37,9 +38,9 @@ from baselines.lwf import LwFConfig
 from baselines.olora import OLoRAConfig
 from baselines.server import SERVERS, STATEFUL, ServerConfig, ServerOptimizer
 from data import (METRIC, check_images, get_setting, load_release, partition_lists, partition_setting, read_image,
-                  save_partition)
+                  rules, save_partition)
 from embedded import benchmark
-from embedded.base import BaseConfig, pretrain_base
+from embedded.base import BaseConfig, pretrain_base, shipped, weights_sha256
 from federated import (Disco, Diverged, FedConfig, Finetune, Harness, Progress, local_train, run_continual,
                        strip_prefix)
 from lora import LoRAConfig, add_lora, gated
@@ -102,7 +103,7 @@ RUN_FLAGS = ("setting", "method", "beta", "seed", "device", "data", "model", "te
 FED_FLAGS = {"rounds": "rounds", "clients": "num_clients", "clients_per_round": "clients_per_round", "lr": "lr",
              "local_epochs": "local_epochs", "batch_size": "batch_size", "micro_batch": "micro_batch",
              "aggregate": "aggregate"}
-DISCO_FLAGS = {"threshold": "threshold", "activation": "activation", "identity": "identity"}
+DISCO_FLAGS = {"threshold": "threshold", "activation": "activation", "identity": "identity", "open": "open"}
 SERVER_FLAGS = {"server": "name", "server_lr": "lr", "mu": "mu"}
 
 
@@ -128,12 +129,16 @@ def parse_args(argv=None):
     ap.add_argument("--batch-size", type=int, help=f"local batch, examples per optimizer step (default {F.batch_size})")
     ap.add_argument("--micro-batch", type=int, help="examples per forward pass; gradients accumulate to --batch-size")
     ap.add_argument("--aggregate", choices=list(fcit.AGGREGATIONS),
-                    help=f"LoRA aggregation inside a subspace (default {F.aggregate})")
+                    help="LoRA aggregation inside a subspace (default: the method's choice, ab for ewc and "
+                         + ", ".join(STATEFUL) + ", svd otherwise)")
     ap.add_argument("--activation", choices=list(fcit.ACTIVATIONS), help=f"DISCO gate at inference (default {D.activation})")
     ap.add_argument("--threshold", type=float, help=f"DISCO DKO cosine threshold tau (default {D.threshold})")
     ap.add_argument("--identity", choices=list(fcit.IDENTITIES), help=f"DISCO identity tokens (default {D.identity})")
+    ap.add_argument("--open", choices=list(fcit.OPENINGS),
+                    help=f"when DISCO's DKO may open a subspace: in every round (the paper's text) or only in a "
+                         f"stage's first round (the official code) (default {D.open})")
     ap.add_argument("--server", choices=list(SERVERS), help=f"server optimizer (default {S.name}); "
-                    + ", ".join(STATEFUL) + " need --aggregate ab")
+                    + ", ".join(STATEFUL) + " need --aggregate ab (their default)")
     ap.add_argument("--server-lr", type=float, help="server learning rate eta (default 1 for fedavgm, 1e-2 adaptive)")
     ap.add_argument("--mu", type=float, help=f"FedProx proximal weight (default {S.mu})")
     ap.add_argument("--data", help="the official FCIT release folder (instructions/, datasets/, partitioned_data/)")
@@ -166,9 +171,10 @@ def resolve(args) -> RunConfig:
         cfg.rank, cfg.alpha = 32, 64.0                                   # paper: 4 subspaces of rank 8
     if setting.name.startswith("cap") and cfg.preset == "paper":
         fed["batch_size"] = 64                                           # paper: 16 per GPU x 4 GPUs
-    cfg.fed = FedConfig(**{**fed, **given(args, FED_FLAGS)})
-    cfg.disco = fcit.DiscoConfig(**given(args, DISCO_FLAGS))
     cfg.server = ServerConfig(**given(args, SERVER_FLAGS))
+    # --aggregate left out: the method's choice, ab where its state or the server's is in factor coordinates
+    cfg.fed = FedConfig(**{"aggregate": "svd" if factor_state(cfg) is None else "ab", **fed, **given(args, FED_FLAGS)})
+    cfg.disco = fcit.DiscoConfig(**given(args, DISCO_FLAGS))
     cfg.system = VICUNA_SYSTEM if cfg.model else BaseConfig.system     # the prompt the base was trained with
     validate(cfg)
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -176,11 +182,20 @@ def resolve(args) -> RunConfig:
     if cfg.fed.clients_per_round > cfg.fed.num_clients:
         raise ValueError(f"--clients-per-round {cfg.fed.clients_per_round} exceeds --clients {cfg.fed.num_clients}")
     lora_layout(cfg)                                                     # a rank the method cannot split fails now
-    if cfg.server.name in STATEFUL and cfg.fed.aggregate != "ab":
-        raise ValueError(f"--server {cfg.server.name} keeps moments of the LoRA factors' change across rounds, which "
-                         f"needs --aggregate ab: with --aggregate svd (the default) the factors are re-factored every "
-                         f"round, so their changes are not comparable; pass --aggregate ab")
     return cfg
+
+
+def factor_state(cfg: RunConfig) -> tuple[str, str] | None:
+    """(flag, what) when the method or the server keeps state across rounds in the coordinates of the LoRA factors
+    (EWC's anchor and Fisher, a stateful server's moments), else None. `--aggregate svd` re-factors the factors
+    every round: the same update B A in new factors, so such state would refer to factors that no longer exist.
+    The one place this is decided: resolve makes ab the default where it is not None, validate refuses svd."""
+    what = STRATEGIES[cfg.method][0].factor_state
+    if what:
+        return f"--method {cfg.method}", what
+    if cfg.server.name in STATEFUL:
+        return f"--server {cfg.server.name}", "moments of the factors' change"
+    return None
 
 
 def validate(cfg: RunConfig):
@@ -204,6 +219,11 @@ def validate(cfg: RunConfig):
         raise ValueError(f"--mu must be a finite number >= 0, got {s.mu}")
     if cfg.seed < 0:
         raise ValueError(f"--seed must be >= 0 (numpy's generators take no negative seed), got {cfg.seed}")
+    state = factor_state(cfg)
+    if state and f.aggregate != "ab":
+        raise ValueError(f"{state[0]} keeps {state[1]} across rounds in the coordinates of the LoRA factors, which "
+                         f"--aggregate {f.aggregate} re-factors every round, so that state would no longer match the "
+                         f"factors; leave --aggregate out (ab is its default) or pass --aggregate ab")
     # the folders' files, not their weights: a missing tokenizer of --text-encoder (loaded at the first DKO
     # routing) would otherwise stop the run after its first round
     if cfg.model:
@@ -215,7 +235,8 @@ def validate(cfg: RunConfig):
 # ---------------------------------------------------------------------------- data and base model
 def prepare(cfg: RunConfig, log):
     """(data root, base model folder): --data / --model as given, else the embedded benchmark and the pretrained
-    tiny base, generated once into the cache and reused."""
+    tiny base (the repository's, embedded/tiny-llava; another recipe's is pretrained once into the cache).
+    The embedded benchmark is generated once into the cache and reused."""
     root, base = cfg.data, cfg.model
     if root is None:
         root = os.path.join(cache_dir(), f"data-v{benchmark.VERSION}-seed0-{cfg.train_examples}x{cfg.test_examples}")
@@ -223,10 +244,11 @@ def prepare(cfg: RunConfig, log):
             log(f"generating the embedded benchmark into {root} ...")
             benchmark.write_release(root, seed=0, sizes=benchmark.Sizes(cfg.train_examples, cfg.test_examples))
     if base is None:
-        base = os.path.join(cache_dir(), f"base-v{benchmark.BASE_VERSION}-seed0-{cfg.pretrain_examples}")
+        recipe = BaseConfig(pretrain_examples=cfg.pretrain_examples)
+        base = shipped(recipe) or os.path.join(cache_dir(), f"base-v{benchmark.BASE_VERSION}-seed0-{cfg.pretrain_examples}")
         if not os.path.isdir(base):
             log(f"pretraining the tiny base model into {base} (once) ...")
-            pretrain_base(base, BaseConfig(pretrain_examples=cfg.pretrain_examples), log=log)
+            pretrain_base(base, recipe, log=log)
     return root, base
 
 
@@ -264,10 +286,10 @@ def answerer(model, processor, cfg: RunConfig):
     return answer
 
 
-def make_harness(model, processor, data, cfg: RunConfig, log) -> Harness:
+def make_harness(model, processor, data, cfg: RunConfig, log, rules=METRIC) -> Harness:
     """The model-specific pieces of the loop: batches, the evaluation (metrics.evaluate_tasks with the model's
     answers), and the frozen encoders of identity tokens (CLIP's text tower when --text-encoder is given, loaded
-    on first use; else the base's own word embeddings)."""
+    on first use; else the base's own word embeddings). rules: {dataset: metric} (data.rules of the release)."""
     def images(examples):
         return [read_image(e.image) for e in examples]
 
@@ -279,7 +301,7 @@ def make_harness(model, processor, data, cfg: RunConfig, log) -> Harness:
     answer = answerer(model, processor, cfg)
 
     def evaluate(tasks, strategy):
-        return metrics.evaluate_tasks(answer, strategy.eval_gate, data, tasks, rules=METRIC, batch=cfg.fed.eval_batch,
+        return metrics.evaluate_tasks(answer, strategy.eval_gate, data, tasks, rules=rules, batch=cfg.fed.eval_batch,
                                       log=log)
 
     clip = functools.cache(lambda: load_text_encoder(cfg.text_encoder, device=cfg.device))
@@ -305,13 +327,14 @@ def print_matrix(acc, tasks, log):
         log(f"{t + 1:5d} " + " ".join(f"{row[k]:11.1f}" if k in row else f"{'-':>11}" for k in tasks))
 
 
-def write_results(out, cfg, setting, history, report, wall, log, *, intact=""):
-    """results.json, accuracy.png and, for a gated method, activation.png, each written atomically."""
+def write_results(out, cfg, setting, history, report, wall, log, *, inputs, intact=""):
+    """results.json, accuracy.png and, for a gated method, activation.png, each written atomically. inputs: what the
+    numbers were measured on (the base's path and weights' sha256, the scoring rules)."""
     summary = metrics.summarize(history["acc"])
     res = {"setting": cfg.setting, "method": cfg.method, "beta": cfg.beta, "seed": cfg.seed, "tasks": setting.tasks,
            "acc": history["acc"], "acc_datasets": history["acc_datasets"], **summary,
            "subspaces": history.get("subspaces") or None, "wall_seconds": round(wall, 1),
-           "config": dataclasses.asdict(cfg), **report}
+           "config": dataclasses.asdict(cfg), **inputs, **report}
     written = ["results.json", "accuracy.png"]
     if "gates" in report:                                              # a gated method: its gate per task and subspace
         rows = [t for t in setting.tasks if t in report["gates"]]
@@ -343,6 +366,7 @@ def main(argv=None, log=print):
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     root, base = prepare(cfg, log)
+    scoring = rules(root, metrics.RULES)                               # a bad rules.json is named before any work
     # the release's own client partition when it ships one for this beta (results then compare with the paper's),
     # else our seeded Dirichlet partition
     data, parts = load_release(root, setting, beta=cfg.beta, num_clients=cfg.fed.num_clients,
@@ -365,7 +389,8 @@ def main(argv=None, log=print):
     write_json(os.path.join(out, "config.json"), cfg_json)
     save_partition(os.path.join(out, "partition.json"), parts)
     model, processor = build_model(base, cfg)
-    harness = make_harness(model, processor, data, cfg, log)
+    harness = make_harness(model, processor, data, cfg, log, rules=scoring)
+    inputs = {"base": base, "base_sha256": weights_sha256(base), "rules": scoring}
     strategy = make_strategy(cfg, model, harness, log, detail=log if args.verbose else None)
     if cfg.method in ("zeroshot", "mtl"):
         if cfg.method == "mtl":                                       # one client holding every task's data
@@ -375,7 +400,8 @@ def main(argv=None, log=print):
             log(f"mtl: trained on {len(everything)} examples, mean loss {loss:.3f}")
         acc, acc_d, _ = harness.evaluate(setting.tasks, strategy)
         history = {"acc": [acc], "acc_datasets": [acc_d], "gates": [], "subspaces": None}
-        return write_results(out, cfg, setting, history, strategy.report(history), time.time() - t0, log)
+        return write_results(out, cfg, setting, history, strategy.report(history), time.time() - t0, log,
+                             inputs=inputs)
     progress, meta = None, (saved or ({}, {}))[1]
     if saved:
         strategy.load(saved[0])
@@ -385,7 +411,8 @@ def main(argv=None, log=print):
                       done=(meta["stage"], meta["round"]) if saved else None)
     history = run_continual(model, harness, setting, data, parts, strategy, cfg.fed, seed=cfg.seed, log=log,
                             progress=progress, on_round=save)
-    return write_results(out, cfg, setting, history, strategy.report(history), save.wall(), log, intact=save.intact)
+    return write_results(out, cfg, setting, history, strategy.report(history), save.wall(), log, inputs=inputs,
+                         intact=save.intact)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,12 @@ Where we depart from the original, on purpose: the Fisher is estimated when the 
 aggregated (by that round's clients, at the new global weights; with a server optimizer, at the clients' aggregate
 before the server's step) and kept in the strategy's state, so a checkpoint taken before `end_stage` keeps it.
 
-    python train.py --setting task-hom --method ewc
+The anchor and the Fisher are per coordinate of the LoRA factors A and B, so EWC runs with `--aggregate ab` (its
+default; train.py refuses svd): svd re-factors the aggregated update B A every round into new factors (the same
+product, other coordinates), and the penalty would then pull towards factors that no longer exist. `--verbose`
+prints the penalty at each client's first local step (the round's global weights) beside that step's task loss.
+
+    python train.py --setting task-hom --method ewc --verbose
 Tests: python -m pytest -q tests/test_baselines.py
 """
 from __future__ import annotations
@@ -58,15 +63,16 @@ def ewc_penalty(fisher: dict[str, Tensor], anchor: dict[str, Tensor], *, lam: fl
 
 class EWC(Finetune):
     name = "ewc"
+    factor_state = "its anchor and Fisher"  # per coordinate of A and B: needs --aggregate ab (train.factor_state)
 
     def __init__(self, model, harness, cfg, *, hp: EWCConfig | None = None, **kw):
         super().__init__(model, harness, cfg, hp=hp or EWCConfig(), **kw)
         self.jobs, self.rounds_done = None, 0
         self.stage_fisher, self.fisher, self.anchor = None, None, None
 
-    def assign(self, stage, jobs):
+    def assign(self, stage, round, jobs):
         self.jobs = jobs  # the round's clients; those of the stage's last round estimate the Fisher
-        return super().assign(stage, jobs)
+        return super().assign(stage, round, jobs)
 
     def client_fisher(self, examples):
         """One client: the Fisher on (at most fisher_examples of) its own data, one example per backward."""
@@ -92,8 +98,25 @@ class EWC(Finetune):
         self.rounds_done, self.stage_fisher = 0, None
 
     def extra_loss(self, stage):
-        own = None if self.fisher is None else ewc_penalty(self.fisher, self.anchor, lam=self.hp.lam)
+        own = None if self.fisher is None else self.with_first_step_detail(
+            ewc_penalty(self.fisher, self.anchor, lam=self.hp.lam))
         return add_losses(super().extra_loss(stage), own)
+
+    def with_first_step_detail(self, penalty):
+        """The penalty, its value at the client's first local step sent to `detail` (--verbose) with that step's
+        task loss: at the round's global weights, before the client moves, how large EWC's pull is against the task.
+        The loop asks for the extra loss once per client, so each client says it once."""
+        first = True
+
+        def loss(model, batch, outputs=None):
+            nonlocal first
+            value = penalty(model, batch, outputs)
+            if first:
+                first = False
+                task = "" if outputs is None else f" (task loss {outputs.loss.item():.3f})"
+                self.detail(f"  EWC penalty at the first local step {value.item():.4g}{task}")
+            return value
+        return loss
 
     def state(self):
         out = {**super().state(), "ewc.rounds_done": torch.tensor(self.rounds_done)}

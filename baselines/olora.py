@@ -56,7 +56,7 @@ class OLoRA(Finetune):
     def stage_subspace(self, stage):
         return min(stage, self.num_subspaces() - 1)
 
-    def assign(self, stage, jobs):
+    def assign(self, stage, round, jobs):
         self.freeze_before(self.stage_subspace(stage))
         return [self.stage_subspace(stage)] * len(jobs)
 

@@ -6,14 +6,19 @@ LLaVA-1.5 before instruction tuning, the base is pretrained (all weights) on gen
 (benchmark.pretraining_mixture: what is in an image, none of the 12 datasets' instructions or answer forms) and
 saved with `save_pretrained`, so `model.load_llava(dir)` reads it exactly as it reads a real llava-1.5-7b-hf folder.
 
-    python -m embedded.base --out DIR            # pretrain the tiny base (~3 minutes on 2 cores)
-    python -m embedded.base --out DIR --probe    # its greedy accuracy on held-out pretraining questions
-train.py does the first into the cache ($FCIT_CACHE) on the first run. Tests: python -m pytest tests/test_model.py
+    python -m embedded.base --out embedded/tiny-llava   # rebuild the shipped base (1 thread, ~5 minutes)
+    python -m embedded.base --out DIR --probe           # its greedy accuracy on held-out pretraining questions
+The repository ships the base (embedded/tiny-llava, its recipe.json and hash in the README): every user starts
+from the same weights and a first run needs no pretraining. train.py pretrains into the cache ($FCIT_CACHE) only
+a base of another recipe (the tiny test preset's, or after a change of the vocabulary or the mixture). Tests: python -m pytest tests/test_model.py
 """
 import argparse
+import hashlib
+import json
 import os
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -45,6 +50,10 @@ class BaseConfig:
     pretrain_batch: int = 32
     pretrain_lr: float = 5e-4       # measured: 2e-3 stalls at the answer prior (loss 0.8), 5e-4 reaches 0.22
     seed: int = 0
+    threads: int = 1                # torch's intra-op threads while pretraining: float sums, and so the weights, depend on it
+
+
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny-llava")   # the base in the repository
 
 
 # ---------------------------------------------------------------------------- tokenizer and processor
@@ -100,7 +109,44 @@ def build_tiny_llava(tokenizer, cfg: BaseConfig) -> LlavaForConditionalGeneratio
 
 # ---------------------------------------------------------------------------- pretraining
 def pretrain_base(out_dir, cfg: BaseConfig, *, log=print):
-    """Build the tokenizer, processor and tiny LLaVA; train all weights on the generic mixture; save to out_dir."""
+    """Build the tokenizer, processor and tiny LLaVA; train all weights on the generic mixture; save to out_dir with
+    its recipe (recipe.json: the config and BASE_VERSION). Runs on cfg.threads threads whatever the caller's."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _pretrain(out_dir, cfg, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def recipe(cfg: BaseConfig):
+    return {"base_version": benchmark.BASE_VERSION, **asdict(cfg)}
+
+
+def shipped(cfg: BaseConfig):
+    """The repository's base when it was made by this recipe (code version, config, threads), else None."""
+    path = os.path.join(SHIPPED, "recipe.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            if json.load(f) == recipe(cfg):
+                return SHIPPED
+    return None
+
+
+def weights_sha256(folder, limit=1 << 28):
+    """The sha256 of a base's weight files, in name order (results.json records it; the README gives the shipped
+    base's); None above `limit` bytes (a 7B checkpoint: the run's fingerprint digests its headers instead)."""
+    names = sorted(n for n in os.listdir(folder) if n.endswith((".safetensors", ".bin")))
+    if not names or sum(os.path.getsize(os.path.join(folder, n)) for n in names) > limit:
+        return None
+    h = hashlib.sha256()
+    for n in names:
+        with open(os.path.join(folder, n), "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()
+
+
+def _pretrain(out_dir, cfg: BaseConfig, log):
     torch.manual_seed(cfg.seed)
     tokenizer = build_tokenizer(benchmark.corpus(cfg.seed) + [cfg.system, "user : assistant :"])
     processor = build_processor(tokenizer, cfg)
@@ -127,6 +173,10 @@ def pretrain_base(out_dir, cfg: BaseConfig, *, log=print):
     tmp = out_dir + ".tmp"
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
+    with open(os.path.join(tmp, "recipe.json"), "w") as f:
+        json.dump(recipe(cfg), f, indent=1)
+    if os.path.isdir(out_dir):                                            # rebuilding the shipped base
+        shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)                                              # atomic: a crash leaves no half base
     return out_dir
 

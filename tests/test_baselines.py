@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 import baselines
 import train
-from baselines.ewc import ewc_penalty, fisher_diagonal
+from baselines.ewc import EWC, ewc_penalty, fisher_diagonal
 from baselines.lwf import distillation_loss, lwf_loss
 from baselines.moelora import MoELoRA, MoELoRALinear
 from baselines.olora import OLoRA, orthogonality_loss
@@ -60,6 +60,22 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_positive_away():
     expected = 0.5 * 100.0 * (fisher[name] * 0.01 ** 2).sum()
     assert penalty(model, None).item() > 0
     torch.testing.assert_close(penalty(model, None), expected, rtol=1e-4, atol=0)
+
+
+def test_ewc_says_its_penalty_once_per_client_at_the_first_local_step():
+    model, detail = tiny_llama(), []
+    ewc = EWC(model, None, FedConfig(aggregate="ab"), detail=detail.append)
+    ewc.anchor = client_state(model)
+    ewc.fisher = {k: torch.ones_like(v) for k, v in ewc.anchor.items()}
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.requires_grad).add_(0.1)
+    expected = ewc_penalty(ewc.fisher, ewc.anchor, lam=ewc.hp.lam)(model, None).item()
+    batch = make_batch()
+    for _ in range(2):                                           # two clients: the loop asks once per client
+        loss = ewc.extra_loss(1)
+        for _ in range(3):                                       # three local steps
+            loss(model, batch, model(**batch))
+    assert len(detail) == 2 and all(f"first local step {expected:.4g} (task loss" in line for line in detail)
 
 
 def test_fisher_is_the_sample_weighted_mean_of_the_clients_fishers():
@@ -128,7 +144,7 @@ def test_olora_old_subspaces_are_on_but_receive_exactly_zero_gradient():
     for m in lora_modules(model).values():  # old subspaces with a nonzero update, so that they shape the forward
         torch.nn.init.normal_(m.B, std=0.1)
     strategy = OLoRA(model, None, FedConfig())
-    k = strategy.assign(stage, [None])[0]
+    k = strategy.assign(stage, 0, [None])[0]
     gate = strategy.train_gate(k)
     assert gate.tolist() == [1.0, 1.0, 0.0]  # old on, new on, later off
     with gated(model, gate):
@@ -140,7 +156,7 @@ def test_olora_old_subspaces_are_on_but_receive_exactly_zero_gradient():
     # the old subspace is on: switching it off changes the loss the new one is trained on
     with torch.no_grad(), gated(model, torch.tensor([0.0, 1.0, 0.0])):
         assert not torch.isclose(answer_loss(model, make_batch()), loss)
-    strategy.assign(2, [None])  # the next stage freezes subspace 1 too, and only then
+    strategy.assign(2, 0, [None])  # the next stage freezes subspace 1 too, and only then
     model.zero_grad()
     with gated(model, strategy.train_gate(2)):
         answer_loss(model, make_batch()).backward()
@@ -163,7 +179,7 @@ def test_olora_stage_t_trains_subspace_t_and_the_last_subspace_after_that():
     model = tiny_llama(K=3)
     strategy = OLoRA(model, None, FedConfig())
     assert [strategy.stage_subspace(t) for t in range(5)] == [0, 1, 2, 2, 2]
-    assert [strategy.assign(t, [None, None]) for t in range(5)] == [[0, 0], [1, 1], [2, 2], [2, 2], [2, 2]]
+    assert [strategy.assign(t, 0, [None, None]) for t in range(5)] == [[0, 0], [1, 1], [2, 2], [2, 2], [2, 2]]
     assert strategy.eval_gate([None]) is None  # inference sums every subspace
 
 

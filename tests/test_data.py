@@ -50,6 +50,17 @@ def record(**over):
     return {k: v for k, v in r.items() if v is not None}
 
 
+def test_rules_are_the_official_ones_with_what_the_release_declares(tmp_path):
+    assert data.rules(str(tmp_path), ["exact", "substring", "iou", "caption"]) == data.METRIC    # no rules.json
+    (tmp_path / "rules.json").write_text(json.dumps({"Flickr30k": "caption-relative"}))
+    got = data.rules(str(tmp_path), ["exact", "substring", "iou", "caption", "caption-relative"])
+    assert got == {**data.METRIC, "Flickr30k": "caption-relative"}
+    for bad in ({"Flickr30k": "bleu"}, {"Flickr": "caption"}, ["caption"]):
+        (tmp_path / "rules.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=re.escape(str(tmp_path / "rules.json"))):
+            data.rules(str(tmp_path), ["exact", "caption", "caption-relative"])
+
+
 def test_load_dataset_reads_a_valid_split(tmp_path):
     write_split(tmp_path, [record(), record(id="y")])
     ex = data.load_dataset(str(tmp_path), "D", "train")

@@ -19,8 +19,15 @@ TINY = benchmark.Sizes(train=5, test=3)
 
 
 def samples(dataset, n, seed=0):
+    """n (image, question, answer, references), each scene rendered without a look (the palette's colors, no shift)
+    so that its answer can be read back from the pixels; the looks are tested on their own below."""
     rng = np.random.default_rng(seed)
-    return [benchmark.sample(dataset, rng) for _ in range(n)]
+    return [(benchmark.render(s), q, a, r) for s, q, a, r in (benchmark.DATASETS[dataset](rng) for _ in range(n))]
+
+
+def drawn(dataset, n, split, seed=0):
+    rng = np.random.default_rng(seed)
+    return [benchmark.sample(dataset, rng, split) for _ in range(n)]
 
 
 def files(root):
@@ -39,14 +46,14 @@ def release(tmp_path_factory):
 # ---------------------------------------------------------------------------- the 12 datasets
 @pytest.mark.parametrize("dataset", list(benchmark.DATASETS))
 def test_sample_yields_32x32_rgb_image_question_and_nonempty_answer(dataset):
-    for img, q, a, refs in samples(dataset, 20):
+    for img, q, a, refs in drawn(dataset, 20, "train") + drawn(dataset, 20, "test"):
         assert isinstance(img, Image.Image) and img.mode == "RGB" and img.size == (32, 32)
         assert isinstance(q, str) and q.strip()
         assert isinstance(a, str) and a.strip()
         assert refs is None or (isinstance(refs, list) and all(isinstance(r, str) for r in refs))
         assert refs is None or a in refs                                             # a caption is one of its refs
     # one rng, one draw: the same seed gives the same question, answer and pixels
-    [(img0, *rest0)], [(img1, *rest1)] = samples(dataset, 1), samples(dataset, 1)
+    [(img0, *rest0)], [(img1, *rest1)] = drawn(dataset, 1, "test"), drawn(dataset, 1, "test")
     assert rest0 == rest1 and np.array_equal(np.asarray(img0), np.asarray(img1))
 
 
@@ -227,9 +234,9 @@ def test_super_clevr_answers_the_color_or_the_size_asked():
             assert object_colors(img) == {a}, (q, a)
             kinds.add("color")
         else:
-            assert a in ("small", "big"), (q, a)
-            width = xs.max() - xs.min() + 1
-            assert (a == "big") == (width > benchmark.CELL), (q, a, width)           # big spans 2 cells
+            assert a in ("small", "big", "huge"), (q, a)
+            width = xs.max() - xs.min() + 1                        # small spans 1 cell, big 2, huge 4
+            assert width <= {"small": 8, "big": 16, "huge": 32}[a] and width > {"small": 0, "big": 8, "huge": 16}[a]
             kinds.add("size")
     assert kinds == {"color", "size"}
 
@@ -247,12 +254,25 @@ def test_grounding_box_is_the_quadrant_of_the_named_object():
     assert seen == QUADRANTS
 
 
-def test_dvqa_answer_is_ten_times_the_bar_height():
+def test_dvqa_answer_is_the_bar_height():
     for img, _, a, _ in samples("DVQA", 200):
-        assert re.fullmatch(r"[1-8]0", a), a
+        assert re.fullmatch(r"[1-8]", a), a                        # one digit: no answer is a substring of another
         (color,) = object_colors(img)
         top = np.nonzero(color_mask(img, benchmark.COLORS[color]))[0].min()
-        assert int(a) == 10 * (benchmark.SIZE - top) // 4, (a, top)                  # one unit of height is 4 px
+        assert int(a) == (benchmark.SIZE - top) // 4, (a, top)                       # one unit of height is 4 px
+
+
+def test_flickr30k_caption_names_the_color_and_the_thing_of_the_shape():
+    things = {v: k for k, v in benchmark.THINGS.items()}
+    for img, _, a, refs in samples("Flickr30k", 100):
+        (color,) = object_colors(img)
+        assert a == refs[0] and all(f"{color} " in r for r in refs), (a, color)
+        (thing,) = set(a.split()) & set(things)
+        mask = color_mask(img, benchmark.COLORS[color])
+        ys, xs = np.nonzero(mask)
+        r, c = 8 * (ys.min() // 8), 8 * (xs.min() // 8)          # the quadrant the big (16 px) shape is drawn in
+        assert mask.sum() == mask[r:r + 16, c:c + 16].sum(), a
+        assert np.array_equal(mask[r:r + 16, c:c + 16], benchmark.shape_mask(things[thing], 16)), a
 
 
 def test_tabmwp_answer_is_money_plus_the_dots_in_the_table():
@@ -267,6 +287,36 @@ def test_flickr30k_test_records_carry_references_containing_the_answer(release):
     records = json.loads((release / "instructions" / "Flickr30k" / "test.json").read_text())
     for r in records:
         assert r["conversations"][1]["value"] in r["references"] and len(r["references"]) > 1
+
+
+# ---------------------------------------------------------------------------- held-out test images
+def test_test_shades_are_never_training_shades():
+    rng = np.random.default_rng(0)
+    train = np.array([benchmark.look(rng, "train").shade for _ in range(2000)])          # (N, 3)
+    test = np.array([benchmark.look(rng, "test").tint for _ in range(2000)])
+    assert np.abs(train).max() <= 8 and np.abs(test).min() >= 10 and np.abs(test).max() <= 18
+    assert set(np.unique(train)) == set(range(-8, 9))                    # every training shade is drawn
+    assert (test < 0).any() and (test > 0).any()
+
+
+def test_a_look_shades_and_shifts_the_object_and_the_background():
+    scene = benchmark.Scene("black", "shape", "red", size="small", row=1, col=1, shape="square")
+    plain = pixels(benchmark.render(scene))
+    moved = pixels(benchmark.render(scene, benchmark.Look(dx=1, dy=-1, shade=(10, -10, 12), tint=(-12, 11, 10))))
+    red, black = np.array(benchmark.COLORS["red"]), np.array(benchmark.BACKGROUNDS["black"])
+    obj = (plain == red).all(-1)
+    assert ((moved == red + [10, -10, 12]).all(-1) == np.roll(np.roll(obj, 1, axis=1), -1, axis=0)).all()
+    assert ((moved == black + [-12, 11, 10]).all(-1) == ~np.roll(np.roll(obj, 1, axis=1), -1, axis=0)).all()
+
+
+def test_no_test_record_of_any_dataset_is_a_training_record(tmp_path):
+    from scripts import validity
+    benchmark.write_release(str(tmp_path), seed=0, sizes=benchmark.Sizes(train=300, test=60))
+    for name in benchmark.DATASETS:
+        train = {validity.key(e) for e in data.load_dataset(str(tmp_path), name, "train")}
+        test = [validity.key(e) for e in data.load_dataset(str(tmp_path), name, "test")]
+        assert len(train) > 10 and not train & set(test), name
+    assert json.loads((tmp_path / "rules.json").read_text()) == benchmark.RULES
 
 
 # ---------------------------------------------------------------------------- instructions and pretraining
@@ -301,9 +351,8 @@ def test_multiple_choice_options_are_fixed_per_dataset_and_differ_between_them()
 def test_clevr_math_and_super_clevr_share_the_image_style():
     for dataset in ("CLEVR-Math", "super-CLEVR"):
         for img, _, _, _ in samples(dataset, 50):
-            assert color_mask(img, benchmark.BACKGROUNDS["black"]).mean() > 0.5, dataset
-            colors, counts = np.unique(pixels(img).reshape(-1, 3), axis=0, return_counts=True)
-            assert tuple(colors[counts.argmax()]) == benchmark.BACKGROUNDS["black"], dataset
+            assert color_mask(img, benchmark.BACKGROUNDS["black"]).mean() > 0.4, dataset   # a huge square: 56%
+            assert {tuple(pixels(img)[y, x]) for y in (0, -1) for x in (0, -1)} == {benchmark.BACKGROUNDS["black"]}
 
 
 def test_pretraining_mixture_contains_none_of_the_benchmark_questions():

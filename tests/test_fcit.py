@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from fcit import (DiscoConfig, TokenCache, activation_weights, ab_aggregate, aggregate_subspace,
-                  cosine_similarity, identity_token, pad_gate, route_clients, svd_aggregate)
+from fcit import (OPENINGS, DiscoConfig, TokenCache, activation_weights, ab_aggregate, aggregate_subspace,
+                  cosine_similarity, identity_token, may_open, pad_gate, route_clients, svd_aggregate)
 
 D = 16
 
@@ -104,6 +104,50 @@ def test_cosine_exactly_at_threshold_joins():
     assert float(cosine_similarity(token, g)) == 0.5
     assert route_clients(token, [1], cache, threshold=0.5, max_subspaces=8)[0] == [0]
     assert route_clients(token, [1], cache, threshold=0.5 + 1e-6, max_subspaces=8)[0] == [1]
+
+
+def route_under(rule, round, tokens, cache, *, max_subspaces=8):
+    return route_clients(tokens, [5] * len(tokens), cache, threshold=0.9, max_subspaces=max_subspaces,
+                         open_new=may_open(rule, round))
+
+
+def test_a_later_round_stranger_opens_under_every_round_and_joins_the_nearest_under_first_round():
+    e = torch.eye(D)
+    _, cache, _ = route_clients(e[:2], [1, 1], TokenCache.empty(D), threshold=0.9, max_subspaces=8)
+    stranger = (e[1] + 2 * e[5])[None]  # cos 0.45 to subspace 1, 0 to subspace 0: below tau
+    assignment, opened, log = route_under("every-round", 3, stranger, cache)
+    assert assignment == [2] and len(opened) == 3 and "opened subspace 2" in log[0]
+    assignment, joined, log = route_under("first-round", 3, stranger, cache)
+    assert assignment == [1] and len(joined) == 2 and "nearest subspace 1" in log[0] and "0.45" in log[0]
+    assert int(joined.counts[1]) == 1 + 5  # it joins the running mean of the subspace it trains
+
+
+def test_round_zero_routes_the_same_under_both_rules():
+    e = torch.eye(D)
+    _, cache, _ = route_clients(e[:2], [1, 1], TokenCache.empty(D), threshold=0.9, max_subspaces=8)
+    tokens = torch.cat([task_tokens(e[0], 2), task_tokens(e[3], 2, seed=1), (e[1] + 2 * e[5])[None]])  # (5, D)
+    for start in (TokenCache.empty(D), cache):  # a run's first round, and a later stage's first round
+        every, first = route_under("every-round", 0, tokens, start), route_under("first-round", 0, tokens, start)
+        assert every[0] == first[0] and every[2] == first[2]
+        torch.testing.assert_close(every[1].tokens, first[1].tokens)
+        assert torch.equal(every[1].counts, first[1].counts)
+
+
+def test_first_round_rule_opens_when_no_subspace_is_open_and_keeps_the_cap_rule_in_round_zero():
+    e = torch.eye(D)
+    assignment, cache, log = route_under("first-round", 2, e[:1], TokenCache.empty(D))
+    assert assignment == [0] and "opened subspace 0" in log[0]  # nothing to join: a later round opens all the same
+    _, full, _ = route_clients(e[:2], [1, 1], TokenCache.empty(D), threshold=0.9, max_subspaces=2)
+    assignment, _, log = route_under("first-round", 0, (e[1] + 2 * e[5])[None], full, max_subspaces=2)
+    assert assignment == [1] and "cap of 2 subspaces" in log[0]  # as under every-round
+
+
+def test_open_rule_is_checked():
+    assert DiscoConfig().open == "every-round" and set(OPENINGS) == {"every-round", "first-round"}
+    assert [may_open("first-round", r) for r in range(3)] == [True, False, False]
+    assert [may_open("every-round", r) for r in range(3)] == [True, True, True]
+    with pytest.raises(ValueError, match="--open"):
+        DiscoConfig(open="never")
 
 
 # ---- Aggregation inside a subspace
@@ -246,7 +290,8 @@ def test_pad_gate_refuses_more_subspaces_than_the_layers_hold():
 
 def test_disco_config_holds_no_subspace_cap_and_no_aggregation_mode():
     # K_max is the number of subspaces the LoRA layers hold, the aggregation mode is the federated config's
-    assert {f.name for f in dataclasses.fields(DiscoConfig)} == {"threshold", "temperature", "activation", "identity"}
+    assert {f.name for f in dataclasses.fields(DiscoConfig)} == {"threshold", "temperature", "activation", "identity",
+                                                                     "open"}
 
 
 @pytest.mark.parametrize("threshold", [-1.0, 0.0, 0.9, 1.0])

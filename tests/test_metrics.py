@@ -115,8 +115,23 @@ def test_task_score_caption_is_clipped_to_100():
     assert weak == pytest.approx(100.0 * np.mean(cider))
 
 
+def test_caption_relative_scores_a_caption_against_its_first_references_own_cider():
+    refs = [[f"a {c} {t} in the sky .", f"there is a {c} {t} up in the air .", f"the sky with a {c} {t} ."]
+            for c in ("red", "blue", "green") for t in ("kite", "box", "sail")]
+    own = [r[0] for r in refs]
+    assert M.task_score("caption-relative", own, refs) == pytest.approx(100.0)
+    # the official rule gives every caption-like output the same 100 here; the relative rule tells them apart
+    wrong_color = [r[0].replace("red", "cyan").replace("blue", "red").replace("green", "blue") for r in refs]
+    assert M.task_score("caption", wrong_color, refs) == 100.0
+    assert M.task_score("caption-relative", wrong_color, refs) < 50.0
+    # s_i = min(1, CIDEr-D(c_i, R_i) / CIDEr-D(R_i[0], R_i)), averaged, in percent
+    ratio = np.minimum(1, np.array(M.cider_d(wrong_color, refs)) / np.array(M.cider_d(own, refs)))
+    assert M.task_score("caption-relative", wrong_color, refs) == pytest.approx(100.0 * ratio.mean())
+    assert M.task_score("caption-relative", [r[1] for r in refs], refs) <= 100.0
+
+
 def test_task_score_errors():
-    with pytest.raises(ValueError, match="bleu.*caption"):
+    with pytest.raises(ValueError, match="bleu.*caption.*caption-relative"):
         M.task_score("bleu", ["a"], ["a"])
     with pytest.raises(ValueError):
         M.task_score("exact", [], [])

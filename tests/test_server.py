@@ -203,7 +203,7 @@ def test_fedadam_from_make_strategy_leaves_untrained_subspaces_exactly_unchanged
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--server", "fedadam"], "--aggregate ab"),
+    (["--server", "fedadam", "--aggregate", "svd"], "--aggregate ab"),
     (["--server", "fedyogi", "--aggregate", "svd"], "--server fedyogi"),
     (["--server", "fedavg", "--server-lr", "0.1"], "--server-lr"),
 ])

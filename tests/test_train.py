@@ -100,7 +100,7 @@ def test_results_follow_the_metric_definitions(tiny_run, tmp_path):
     acc = [{task: 10.0 * t + j for j, task in enumerate(setting.tasks) if task in setting.seen_tasks(t)}
            for t in range(setting.num_stages)]
     history = {"acc": acc, "acc_datasets": acc, "subspaces": []}
-    res = train.write_results(str(tmp_path), run.cfg, setting, history, {}, 1.0, lambda *a: None)
+    res = train.write_results(str(tmp_path), run.cfg, setting, history, {}, 1.0, lambda *a: None, inputs={})
     assert res == json.loads((tmp_path / "results.json").read_text())
     assert res["acc"] == acc
     # Last: the mean over all tasks after the final stage; Avg: the mean over stages of the mean over seen tasks
@@ -201,6 +201,7 @@ def test_a_preset_sets_its_fields_and_keeps_the_other_defaults():
     (["--mu", "0"], ("server", "mu"), 0.0),
     (["--lr", "0.01", "--rounds", "3"], ("fed", "lr"), 0.01),
     (["--aggregate", "ab"], ("fed", "aggregate"), "ab"),
+    (["--open", "first-round"], ("disco", "open"), "first-round"),
     (["--seed", "3"], ("seed",), 3),
 ])
 def test_a_flag_given_reaches_its_config_field_also_when_falsy(flags, field, value):
@@ -208,6 +209,25 @@ def test_a_flag_given_reaches_its_config_field_also_when_falsy(flags, field, val
     for name in field:
         cfg = getattr(cfg, name)
     assert cfg == value
+
+
+def test_open_defaults_to_the_disco_config_field():
+    assert train.resolve(train.parse_args([])).disco.open == fcit.DiscoConfig.open
+
+
+@pytest.mark.parametrize("flags, aggregate", [
+    ([], "svd"), (["--method", "finetune"], "svd"), (["--aggregate", "ab"], "ab"),
+    (["--method", "ewc"], "ab"), (["--method", "ewc", "--aggregate", "ab"], "ab"),  # EWC's state: factor coordinates
+    (["--server", "fedadam"], "ab"), (["--server", "fedprox"], "svd"),             # a stateful server's moments too
+])
+def test_aggregate_left_out_is_the_methods_choice(flags, aggregate):
+    assert train.resolve(train.parse_args(flags)).fed.aggregate == aggregate
+
+
+def test_ewc_under_svd_is_refused_naming_the_flag_and_why():
+    with pytest.raises(ValueError, match=r"--method ewc keeps its anchor and Fisher .* --aggregate svd re-factors "
+                                         r"every round.*pass --aggregate ab"):
+        train.resolve(train.parse_args(["--method", "ewc", "--aggregate", "svd"]))
 
 
 def test_methods_are_the_strategies_table():
