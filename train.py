@@ -39,7 +39,7 @@ from baselines.olora import OLoRAConfig
 from baselines.server import SERVERS, STATEFUL, ServerConfig, ServerOptimizer
 from data import (METRIC, check_images, get_setting, load_release, partition_lists, partition_setting, read_image,
                   rules, save_partition)
-from embedded import benchmark
+from embedded import benchmark, pretraining
 from embedded.base import BaseConfig, pretrain_base, shipped, weights_sha256
 from federated import (Disco, Diverged, FedConfig, Finetune, Harness, Progress, local_train, run_continual,
                        strip_prefix)
@@ -245,7 +245,7 @@ def prepare(cfg: RunConfig, log):
             benchmark.write_release(root, seed=0, sizes=benchmark.Sizes(cfg.train_examples, cfg.test_examples))
     if base is None:
         recipe = BaseConfig(pretrain_examples=cfg.pretrain_examples)
-        base = shipped(recipe) or os.path.join(cache_dir(), f"base-v{benchmark.BASE_VERSION}-seed0-{cfg.pretrain_examples}")
+        base = shipped(recipe) or os.path.join(cache_dir(), f"base-v{pretraining.BASE_VERSION}-seed0-{cfg.pretrain_examples}")
         if not os.path.isdir(base):
             log(f"pretraining the tiny base model into {base} (once) ...")
             pretrain_base(base, recipe, log=log)

@@ -3,7 +3,7 @@
 A `LlavaForConditionalGeneration` as transformers builds it (a CLIP vision tower on 32x32 images with 8x8 patches,
 a 2-layer GELU projector, a 4-layer Llama) and a word-level tokenizer built from the benchmark's vocabulary. Like
 LLaVA-1.5 before instruction tuning, the base is pretrained (all weights) on generic image-text pairs
-(benchmark.pretraining_mixture: what is in an image, none of the 12 datasets' instructions or answer forms) and
+(embedded/pretraining.py: what is in an image, none of the 12 datasets' instructions or answer forms) and
 saved with `save_pretrained`, so `model.load_llava(dir)` reads it exactly as it reads a real llava-1.5-7b-hf folder.
 
     python -m embedded.base --out embedded/tiny-llava   # rebuild the shipped base (1 thread, ~5 minutes)
@@ -27,7 +27,7 @@ from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
 from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                           LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
 
-from embedded import benchmark
+from embedded import pretraining
 from federated import cosine_lr
 from model import answer_loss, collate, generate, load_llava
 
@@ -120,7 +120,7 @@ def pretrain_base(out_dir, cfg: BaseConfig, *, log=print):
 
 
 def recipe(cfg: BaseConfig):
-    return {"base_version": benchmark.BASE_VERSION, **asdict(cfg)}
+    return {"base_version": pretraining.BASE_VERSION, **asdict(cfg)}
 
 
 def shipped(cfg: BaseConfig):
@@ -148,10 +148,10 @@ def weights_sha256(folder, limit=1 << 28):
 
 def _pretrain(out_dir, cfg: BaseConfig, log):
     torch.manual_seed(cfg.seed)
-    tokenizer = build_tokenizer(benchmark.corpus(cfg.seed) + [cfg.system, "user : assistant :"])
+    tokenizer = build_tokenizer(pretraining.corpus(cfg.seed) + [cfg.system, "user : assistant :"])
     processor = build_processor(tokenizer, cfg)
     model = build_tiny_llava(tokenizer, cfg)
-    data = benchmark.pretraining_mixture(cfg.pretrain_examples, cfg.seed)
+    data = pretraining.pretraining_mixture(cfg.pretrain_examples, cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
     steps = len(data) // cfg.pretrain_batch
     every = max(1, steps // 10)                                           # ten progress lines, each with an ETA
@@ -184,7 +184,7 @@ def _pretrain(out_dir, cfg: BaseConfig, log):
 def probe_base(path, *, n=400, seed=1, log=print):
     """Greedy accuracy of a base on held-out pretraining questions, per skill (the first words of the question)."""
     model, processor = load_llava(path)
-    items = benchmark.pretraining_mixture(n, seed)
+    items = pretraining.pretraining_mixture(n, seed)
     preds = []
     for i in range(0, n, 100):
         chunk = items[i:i + 100]

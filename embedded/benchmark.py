@@ -10,7 +10,7 @@ at chance after 1,200 steps. Global and single-object perception is cheap; looku
 What differs between datasets is the instruction text (each has its own paraphrased templates: what DISCO's
 identity tokens see), the attribute asked for, and the answer form (a class name, an option letter, a number, yes/no,
 a box, a caption). CLEVR-Math and super-CLEVR share their image style on purpose (the paper's case for text
-identity tokens). The base model learns to *describe* scenes (`pretraining_mixture`, none of the 12 datasets'
+identity tokens). The base model learns to *describe* scenes (`embedded/pretraining.py`, none of the 12 datasets'
 instructions or answer forms), so instruction tuning only has to learn each task's question and answer form.
 
     python -c "from embedded import benchmark; import numpy; print(benchmark.sample('CLEVR-Math', numpy.random.default_rng(0))[1:])"
@@ -21,13 +21,12 @@ images under datasets/<Dataset>/). Tests: python -m pytest -q tests/test_embedde
 import hashlib
 import json
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 VERSION = 11  # bump when the generated data changes: the data cache folder is keyed by it
-BASE_VERSION = 8  # bump when the pretraining mixture or the vocabulary changes: the base cache folder is keyed by it
 
 # ---------------------------------------------------------------------------- the visual world
 CELL, GRID = 8, 4                      # 8x8 px cells, 4x4 grid -> a 32x32 image, one cell per vision patch
@@ -378,77 +377,7 @@ def sample(dataset, rng, split="train"):
     return render(scene, look(rng, split)), q, a, refs
 
 
-# ---------------------------------------------------------------------------- the base model's pretraining mixture
-# Like LLaVA's alignment data: what is in an image, in every image style of the benchmark, but none of the 12
-# datasets' instructions or answer forms (no yes/no, option letters, boxes, captions, arithmetic), so zero-shot
-# stays low and instruction tuning has something to build on.
-def random_scene(rng):
-    """Any object of any kind on any background (the pretraining distribution)."""
-    bg = pick(rng, list(BACKGROUNDS))
-    kind = pick(rng, ["shape", "shape", "shape", "dots", "dots", "glyph", "bar", "line"])
-    frame = pick(rng, ["none", "none", "axes", "table"]) if kind in ("shape", "dots", "glyph") else "axes"
-    color = pick(rng, list(INK)) if kind == "glyph" else pick(rng, [c for c in [*COLORS, *INK] if c != bg])
-    return Scene(bg, kind, color, shape=pick(rng, SHAPES), style=pick(rng, STYLES), count=int(rng.integers(1, 7)),
-                 char=pick(rng, list(GLYPHS)), height=int(rng.integers(1, 9)), rising=bool(rng.integers(2)),
-                 frame=frame, **placed(rng, ("small", "big", "huge")))
-
-
-DESCRIBE = ["describe the image .", "what is in this image ?", "what do you see ?", "tell me about this picture .",
-            "explain what this image contains .", "what can be seen here ?", "look at the image and describe it .",
-            "please describe what is shown ."]
-
-
-def pretraining_example(rng, words):
-    """One generic (image, question, answer): a description (60%), the object's name (15%), the background (10%),
-    or copying words of the vocabulary (15%). Copying is the 'knows language' part: a LLaVA's LM has read every word
-    and can write every word, but LoRA freezes the embeddings and the output layer, so a word the base never saw
-    would stay random there. Measured: with copying, LoRA learned OCR-VQA's genre words in one epoch (100%); without
-    it, 14%. Naming the object lets LoRA learn ImageNet-R's shape classes (85% in one epoch vs 35%)."""
-    s = random_scene(rng)
-    if s.kind == "bar":                                               # bars stand in any of the 4 columns
-        s = replace(s, col=int(rng.integers(GRID)))
-    img = render(replace(s, offset=int(rng.integers(4, 9))), look(rng, "train"))
-    u = rng.random()
-    if u < 0.15:
-        text = " ".join(pick(rng, words) for _ in range(int(rng.integers(1, 5))))
-        return img, f"repeat after me : {text}", text
-    if u < 0.25:
-        return img, pick(rng, ["what is the background color ?", "name the color of the background ."]), s.background
-    if u < 0.4:                                                       # the object's name alone (shapes need it)
-        noun = {"shape": s.shape, "dots": "dots", "glyph": "letter" if s.char.isalpha() else "digit"}.get(s.kind, s.kind)
-        return img, pick(rng, ["name the object .", "what is this thing called ?"]), noun
-    return img, pick(rng, DESCRIBE), describe(s)
-
-
-def pretraining_mixture(n, seed):
-    """n generic (image, question, answer) triples, deterministic for a seed."""
-    words = sorted({w for t in corpus_words(seed) for w in t.split()})
-    rng = np.random.default_rng([seed, 1000])
-    return [pretraining_example(rng, words) for _ in range(n)]
-
-
-# ---------------------------------------------------------------------------- vocabulary and the release layout
-VOCAB_EXTRA = ([str(i) for i in range(100)] + BOX + list(GLYPHS) + list(GENRES.values()) + NAMES
-               + list(RESEMBLES.values()) + list(BACKGROUNDS) + list(INK) + SHAPES + STYLES + list(SPAN)
-               + ["yes", "no", "up", "down", "digit", "letter", "dot", "dots", "bar", "line"])
-
-
-def corpus_words(seed, per_dataset=300):
-    """Every text the 12 datasets and the descriptions can produce (the benchmark's language)."""
-    rng = np.random.default_rng([seed, 2000])
-    texts = [" ".join(VOCAB_EXTRA), " ".join(DESCRIBE)]
-    for name in DATASETS:
-        for _ in range(per_dataset):
-            _, q, a, refs = DATASETS[name](rng)
-            texts += [q, a] + (refs or [])
-    return texts + [describe(random_scene(rng)) for _ in range(2000)]
-
-
-def corpus(seed):
-    """Every text the benchmark can produce, pretraining included: the tokenizer's vocabulary is built from it."""
-    return corpus_words(seed) + ["repeat after me :"]
-
-
+# ---------------------------------------------------------------------------- the release layout
 # The scoring rules the release declares (rules.json; data.rules reads it): the official rule of every dataset but
 # Flickr30k's. CIDEr-D x 100 clipped at 100 gave any caption-like output 100 here (four templated references per
 # image: the base's description, a caption of the wrong color, one caption for all images); "caption-relative"

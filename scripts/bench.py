@@ -59,7 +59,7 @@ def similarity(args):
     SSA gate its test questions put on their own dataset's token (task-related datasets, eps = 0.05)."""
     import model as M
     from data import TASK_ORDER, load_dataset
-    from embedded import benchmark
+    from embedded import benchmark, pretraining
     root = benchmark.write_release(args.data, seed=0)
     mdl, proc = M.load_llava(args.base)
     names, rng = list(benchmark.DATASETS), np.random.default_rng(0)
@@ -94,14 +94,13 @@ def gpu(args):
     download), with the paper preset's settings: bf16 base, fp32 LoRA (8 subspaces of rank 8 on the FFN), global
     batch 128 through micro-batches, gradient checkpointing, an optimizer over LoRA and projector only. Prints
     tokens per second and peak memory. --tiny runs the same code on small shapes (a CPU check of the script)."""
-    import dataclasses
     import json
     import tempfile
 
     import model as M
     import train
     from data import load_dataset
-    from embedded import benchmark
+    from embedded import benchmark, pretraining
     from embedded.base import build_tokenizer
     import metrics
     from federated import Disco, FedConfig, local_train
@@ -112,7 +111,7 @@ def gpu(args):
     from transformers import LlavaProcessor
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    tok = build_tokenizer(benchmark.corpus(0) + [M.VICUNA_SYSTEM, "user : assistant :"])
+    tok = build_tokenizer(pretraining.corpus(0) + [M.VICUNA_SYSTEM, "user : assistant :"])
     size, patch = (336, 14) if not args.tiny else (28, 14)
     vision = CLIPVisionConfig(**(dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                                       num_attention_heads=16, projection_dim=768) if not args.tiny else

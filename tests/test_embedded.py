@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import data
-from embedded import benchmark
+from embedded import benchmark, pretraining
 
 # The paper's datasets (fcit-paper-notes.md 1.2), written out here so the test does not read them from data.py.
 PAPER_DATASETS = {"ImageNet-R", "ArxivQA", "IconQA", "CLEVR-Math", "OCR-VQA", "Flickr30k", "FigureQA", "super-CLEVR",
@@ -356,18 +356,18 @@ def test_clevr_math_and_super_clevr_share_the_image_style():
 
 
 def test_pretraining_mixture_contains_none_of_the_benchmark_questions():
-    pre = {q for _, q, _ in benchmark.pretraining_mixture(2000, seed=0)}
+    pre = {q for _, q, _ in pretraining.pretraining_mixture(2000, seed=0)}
     for name in benchmark.DATASETS:
         overlap = pre & questions(name, 300)
         assert not overlap, (name, overlap)
     # what it asks instead: a description, the background, the object's name, or to copy words
-    generic = set(benchmark.DESCRIBE) | {"what is the background color ?", "name the color of the background .",
+    generic = set(pretraining.DESCRIBE) | {"what is the background color ?", "name the color of the background .",
                                           "name the object .", "what is this thing called ?"}
     assert {q for q in pre if not q.startswith("repeat after me : ")} == generic
 
 
 def test_pretraining_mixture_is_deterministic():
-    a, b = benchmark.pretraining_mixture(30, seed=0), benchmark.pretraining_mixture(30, seed=0)
+    a, b = pretraining.pretraining_mixture(30, seed=0), pretraining.pretraining_mixture(30, seed=0)
     assert [(q, ans) for _, q, ans in a] == [(q, ans) for _, q, ans in b]
     assert all(np.array_equal(np.asarray(x[0]), np.asarray(y[0])) for x, y in zip(a, b))
 
