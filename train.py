@@ -202,14 +202,20 @@ def validate(cfg: RunConfig):
     """Every number of the run in its range, and the model folders complete, before any work; the flag or the
     folder is named. argparse checks only the type: `--lr nan` and `--rounds 0` parse."""
     f, s = cfg.fed, cfg.server
-    positive = {"--beta": cfg.beta, "--lr": f.lr, f"projector_lr (--preset {cfg.preset})": f.projector_lr,
-                "--server-lr": s.lr}
+    local_lrs = {"--lr": f.lr, f"projector_lr (--preset {cfg.preset})": f.projector_lr}
+    positive = {"--beta": cfg.beta, **local_lrs, "--server-lr": s.lr}
     at_least_one = {"--rounds": f.rounds, "--clients": f.num_clients, "--clients-per-round": f.clients_per_round,
                     "--local-epochs": f.local_epochs, "--batch-size": f.batch_size, "--train-limit": cfg.train_limit,
                     "--test-limit": cfg.test_limit}                   # the limits only when given (None = all)
     for flag, x in positive.items():
         if not 0 < x < math.inf:                                      # nan fails every comparison
             raise ValueError(f"{flag} must be a finite number > 0, got {x}")
+    for flag, x in local_lrs.items():
+        # AdamW moves every weight by about lr a step: above 1 the first step swamps the weights, RMSNorm then
+        # zeroes the hidden states and every loss and update stays finite (--lr 1e9 ended with exit 0, Last 0.00)
+        if x > 1:
+            raise ValueError(f"{flag} must be <= 1 (AdamW moves each weight by about lr per step; the paper's "
+                             f"LoRA lr is 2e-4), got {x}")
     for flag, x in at_least_one.items():
         if x is not None and x < 1:
             raise ValueError(f"{flag} must be >= 1, got {x}")

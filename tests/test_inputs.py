@@ -36,7 +36,7 @@ def truncate(path):
 
 # ---------------------------------------------------------------------------- numeric flags
 SERVER = ("--server", "fedavgm", "--aggregate", "ab")                  # --server-lr is eta of a stateful server
-BAD_FLAGS = [("--lr", v, ()) for v in ("nan", "inf", "-1", "0")] \
+BAD_FLAGS = [("--lr", v, ()) for v in ("nan", "inf", "-1", "0", "1e9", "1.5")] \
     + [("--beta", v, ()) for v in ("nan", "inf", "-1", "0")] \
     + [(f, "0", ()) for f in ("--rounds", "--clients", "--clients-per-round", "--local-epochs", "--batch-size",
                               "--train-limit", "--test-limit")] \
@@ -64,8 +64,8 @@ def test_a_preset_projector_lr_is_checked_too():
 
 def test_edge_values_in_range_are_kept_not_replaced_by_defaults():
     cfg = train.resolve(train.parse_args(["--preset", "tiny", "--threshold", "0", "--micro-batch", "0", "--mu", "0",
-                                          "--lr", "1e9", "--server", "fedprox"]))
-    assert (cfg.disco.threshold, cfg.fed.micro_batch, cfg.server.mu, cfg.fed.lr) == (0.0, 0, 0.0, 1e9)
+                                          "--lr", "1", "--server", "fedprox"]))
+    assert (cfg.disco.threshold, cfg.fed.micro_batch, cfg.server.mu, cfg.fed.lr) == (0.0, 0, 0.0, 1.0)
     for tau in ("-1", "1"):
         assert train.resolve(train.parse_args(["--threshold", tau])).disco.threshold == float(tau)
 
