@@ -360,6 +360,24 @@ class Progress:
     history: dict = None
 
 
+class Solo:
+    """World size 1: this process trains every client of a round and exchanges nothing. parallel/world.py's World
+    spreads the clients over torchrun's processes behind the same calls, with the same numbers."""
+    rank, size = 0, 1
+
+    def mine(self, sizes):
+        return list(range(len(sizes)))
+
+    def gather(self, results, sizes, like):
+        return [results[i] for i in range(len(sizes))]
+
+    def shard_answers(self, answer, gate_of, batches):
+        return answer                                                 # each batch answered when it is scored
+
+    def barrier(self):
+        pass
+
+
 def round_jobs(setting, data, parts, stage, clients):
     """(client, task, examples) for the i-th client of the round: Hom = the stage's task, Het = the fixed table's."""
     row = setting.client_tasks[stage]
@@ -383,9 +401,10 @@ def eta(spent, rounds_left, questions_left):
 
 
 def run_continual(model, harness, setting, data, parts, strategy, cfg: FedConfig, *, seed, log=print,
-                  progress: Progress | None = None, on_round=None):
+                  progress: Progress | None = None, on_round=None, world=Solo()):
     """Train stage after stage, round after round; evaluate on every seen task after each stage.
-    Sampling and local shuffles are seeded by (seed, stage, round, i): a resumed run redoes exactly the same."""
+    Sampling and local shuffles are seeded by (seed, stage, round, i): a resumed run redoes exactly the same, and
+    a client trained by another process (world: parallel/world.py) computes exactly the same."""
     p = progress or Progress(0, 0, client_state(model), {"acc": [], "acc_datasets": [], "gates": [],
                                                           "subspaces": [], "routes": {}, "loss": []})
     load_client_state(model, p.global_state)
@@ -399,13 +418,15 @@ def run_continual(model, harness, setting, data, parts, strategy, cfg: FedConfig
             jobs = round_jobs(setting, data, parts, t, sample_clients(cfg.num_clients, cfg.clients_per_round, rng))
             opened_before = strategy.open_subspaces()
             subspaces = strategy.assign(t, r, jobs)
-            states, weights, losses, trained = [], [], [], []
-            for i, ((client, task, examples), k) in enumerate(zip(jobs, subspaces)):
+            sizes, results = [len(examples) for _, _, examples in jobs], {}
+            for i in world.mine(sizes):                                  # every client, at world size 1
                 load_client_state(model, p.global_state)
                 torch.manual_seed(int(np.random.default_rng([seed, t, r, i]).integers(2**31)))  # LoRA dropout
-                state, loss = local_train(model, harness, examples, gate=strategy.train_gate(k), cfg=cfg,
-                                          rng=np.random.default_rng([seed, t, r, i]),
-                                          extra_loss=strategy.extra_loss(t))
+                results[i] = local_train(model, harness, jobs[i][2], gate=strategy.train_gate(subspaces[i]), cfg=cfg,
+                                         rng=np.random.default_rng([seed, t, r, i]), extra_loss=strategy.extra_loss(t))
+            states, weights, losses, trained = [], [], [], []
+            for (client, task, examples), k, (state, loss) in zip(jobs, subspaces,
+                                                                  world.gather(results, sizes, p.global_state)):
                 if not finite(loss, state):                          # a diverged client must not reach the server
                     log(f"  client {client} [{task}] diverged (loss {loss:.3g} or its update is not finite): "
                         f"dropped from round {r + 1}")

@@ -41,11 +41,12 @@ from data import (METRIC, check_images, get_setting, load_release, partition_lis
                   rules, save_partition)
 from embedded import benchmark, pretraining
 from embedded.base import BaseConfig, pretrain_base, shipped, weights_sha256
-from federated import (Disco, Diverged, FedConfig, Finetune, Harness, Progress, local_train, run_continual,
+from federated import (Disco, Diverged, FedConfig, Finetune, Harness, Progress, Solo, local_train, run_continual,
                        strip_prefix)
 from lora import LoRAConfig, add_lora, gated
 from model import (VICUNA_SYSTEM, clip_text_features, collate, generate, image_features, instruction_features,
                    load_llava, load_text_encoder, require_folder, to_device)
+from parallel.world import join
 from storage.checkpoint import CHECKPOINT, Checkpoint, atomic, fingerprint, read_checkpoint, where, write_json
 
 # --method -> (strategy class, its hyperparameter dataclass or None); zeroshot and mtl are Finetune's model
@@ -292,10 +293,11 @@ def answerer(model, processor, cfg: RunConfig):
     return answer
 
 
-def make_harness(model, processor, data, cfg: RunConfig, log, rules=METRIC) -> Harness:
+def make_harness(model, processor, data, cfg: RunConfig, log, rules=METRIC, world=Solo()) -> Harness:
     """The model-specific pieces of the loop: batches, the evaluation (metrics.evaluate_tasks with the model's
-    answers), and the frozen encoders of identity tokens (CLIP's text tower when --text-encoder is given, loaded
-    on first use; else the base's own word embeddings). rules: {dataset: metric} (data.rules of the release)."""
+    answers, the test batches spread over the world's processes), and the frozen encoders of identity tokens
+    (CLIP's text tower when --text-encoder is given, loaded on first use; else the base's own word embeddings).
+    rules: {dataset: metric} (data.rules of the release)."""
     def images(examples):
         return [read_image(e.image) for e in examples]
 
@@ -307,8 +309,10 @@ def make_harness(model, processor, data, cfg: RunConfig, log, rules=METRIC) -> H
     answer = answerer(model, processor, cfg)
 
     def evaluate(tasks, strategy):
-        return metrics.evaluate_tasks(answer, strategy.eval_gate, data, tasks, rules=rules, batch=cfg.fed.eval_batch,
-                                      log=log)
+        B = cfg.fed.eval_batch                                         # the batches in evaluate_tasks' order
+        batches = [ex[i:i + B] for task in tasks for ex in data[task].test.values() for i in range(0, len(ex), B)]
+        return metrics.evaluate_tasks(world.shard_answers(answer, strategy.eval_gate, batches), strategy.eval_gate,
+                                      data, tasks, rules=rules, batch=B, log=log)
 
     clip = functools.cache(lambda: load_text_encoder(cfg.text_encoder, device=cfg.device))
     encode_text = ((lambda questions: clip_text_features(*clip(), questions)) if cfg.text_encoder else
@@ -366,12 +370,19 @@ def main(argv=None, log=print):
     hf_logging.disable_progress_bar()                                  # our progress lines, not loading bars
     args = parse_args(argv)
     cfg = resolve(args)
+    world = join(cfg.device) or Solo()                                 # torchrun's processes, else this one alone
+    if world.rank:
+        log = lambda *a: None                                          # noqa: E731 (rank 0 alone logs and writes)
     setting = get_setting(cfg.setting)
     out = args.out or os.path.join("runs", f"{cfg.setting}_{cfg.method}_b{cfg.beta:g}_s{cfg.seed}")
     cfg_json = json.loads(json.dumps(dataclasses.asdict(cfg)))
     torch.manual_seed(cfg.seed)
     t0 = time.time()
+    if world.rank:                                                     # rank 0 fills the cache, then the others read
+        world.barrier()
     root, base = prepare(cfg, log)
+    if not world.rank:
+        world.barrier()
     scoring = rules(root, metrics.RULES)                               # a bad rules.json is named before any work
     # the release's own client partition when it ships one for this beta (results then compare with the paper's),
     # else our seeded Dirichlet partition
@@ -391,11 +402,12 @@ def main(argv=None, log=print):
         log(f"{out}: this run is complete; its results.json is kept as it is (--fresh runs it again)")
         with open(os.path.join(out, "results.json")) as f:
             return json.load(f)
-    os.makedirs(out, exist_ok=True)
-    write_json(os.path.join(out, "config.json"), cfg_json)
-    save_partition(os.path.join(out, "partition.json"), parts)
+    if not world.rank:
+        os.makedirs(out, exist_ok=True)
+        write_json(os.path.join(out, "config.json"), cfg_json)
+        save_partition(os.path.join(out, "partition.json"), parts)
     model, processor = build_model(base, cfg)
-    harness = make_harness(model, processor, data, cfg, log, rules=scoring)
+    harness = make_harness(model, processor, data, cfg, log, rules=scoring, world=world)
     inputs = {"base": base, "base_sha256": weights_sha256(base), "rules": scoring}
     strategy = make_strategy(cfg, model, harness, log, detail=log if args.verbose else None)
     if cfg.method in ("zeroshot", "mtl"):
@@ -406,7 +418,7 @@ def main(argv=None, log=print):
             log(f"mtl: trained on {len(everything)} examples, mean loss {loss:.3f}")
         acc, acc_d, _ = harness.evaluate(setting.tasks, strategy)
         history = {"acc": [acc], "acc_datasets": [acc_d], "gates": [], "subspaces": None}
-        return write_results(out, cfg, setting, history, strategy.report(history), time.time() - t0, log,
+        return None if world.rank else write_results(out, cfg, setting, history, strategy.report(history), time.time() - t0, log,
                              inputs=inputs)
     progress, meta = None, (saved or ({}, {}))[1]
     if saved:
@@ -416,13 +428,15 @@ def main(argv=None, log=print):
     save = Checkpoint(out, identity, wall_before=meta.get("wall", 0.0),
                       done=(meta["stage"], meta["round"]) if saved else None)
     history = run_continual(model, harness, setting, data, parts, strategy, cfg.fed, seed=cfg.seed, log=log,
-                            progress=progress, on_round=save)
-    return write_results(out, cfg, setting, history, strategy.report(history), save.wall(), log, inputs=inputs,
+                            progress=progress, on_round=None if world.rank else save, world=world)
+    return None if world.rank else write_results(out, cfg, setting, history, strategy.report(history), save.wall(), log, inputs=inputs,
                          intact=save.intact)
 
 
 if __name__ == "__main__":
     try:
         main()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     except (ValueError, OSError, Diverged) as e:                     # FileNotFoundError is an OSError
         sys.exit(f"error: {e}")

@@ -1,0 +1,62 @@
+"""Tests for parallel/world.py: the clients of a round spread over torchrun's processes give the numbers of one
+process, bitwise (results.json and the final global state), for finetune and for DISCO (whose DKO routing runs on
+every rank); the balance of clients over ranks. Two gloo processes on CPU, the tiny preset.
+Run: python -m pytest -q tests/test_parallel.py"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY
+from parallel.world import balance
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_balance_puts_every_item_in_one_bin_longest_first_to_the_least_loaded():
+    sizes = [40, 5, 33, 12, 12, 7, 60]
+    bins = balance(sizes, 3)
+    assert sorted(i for b in bins for i in b) == list(range(len(sizes)))
+    # longest first, each to the least loaded bin: 60 | 40 | 33, then 12 -> 45, 12 -> 52, 7 -> 52, 5 -> 57 (tie: bin 1)
+    assert bins == [[6], [0, 1, 4], [2, 3, 5]]
+    assert bins == balance(list(sizes), 3)                              # the same on every process
+    assert balance(sizes, 1) == [list(range(len(sizes)))]
+    assert balance([3, 3], 4) == [[0], [1], [], []]                     # more ranks than clients: some idle
+
+
+def test_balance_beats_round_robin_on_skewed_clients():
+    sizes = [100, 90, 10, 10, 10, 5]                                    # a Dirichlet-like skew
+    lpt = max(sum(sizes[i] for i in b) for b in balance(sizes, 2))
+    round_robin = max(sum(sizes[0::2]), sum(sizes[1::2]))
+    assert lpt == 115 and round_robin == 120
+
+
+def run(cmd, out, cache):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FCIT_CACHE": str(cache)}
+    done = subprocess.run([*cmd, "train.py", *TINY, *FLAGS[out.name.split("-")[0]], "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads((out / "results.json").read_text()), load_file(str(out / "checkpoint.safetensors")), done.stdout
+
+
+# finetune on a capability setting, DISCO on a heterogeneous one (clients of one round learn different tasks):
+# 4 stages x 2 rounds, 2 clients a round
+FLAGS = {"finetune": ["--setting", "cap-hom", "--method", "finetune", "--rounds", "2"],
+         "disco": ["--setting", "cap-het", "--method", "disco", "--rounds", "2"]}
+
+
+@pytest.mark.parametrize("method", list(FLAGS))
+def test_two_gloo_processes_give_the_single_process_numbers_bitwise(tmp_path, tiny_cache, method):
+    one = run([sys.executable], tmp_path / f"{method}-1", tiny_cache)   # first: it fills the cache
+    two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"],
+              tmp_path / f"{method}-2", tiny_cache)
+    drop = lambda res: {k: v for k, v in res.items() if k != "wall_seconds"}   # noqa: E731
+    assert drop(one[0]) == drop(two[0])
+    assert one[1].keys() == two[1].keys() and all(torch.equal(one[1][k], two[1][k]) for k in one[1])
+    assert one[0]["acc"] and one[2].count("stage 4/4 round 2/2") == 1   # it ran; rank 1 printed nothing
+    assert two[2].count("stage 4/4 round 2/2") == 1
