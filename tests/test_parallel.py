@@ -60,3 +60,50 @@ def test_two_gloo_processes_give_the_single_process_numbers_bitwise(tmp_path, ti
     assert one[1].keys() == two[1].keys() and all(torch.equal(one[1][k], two[1][k]) for k in one[1])
     assert one[0]["acc"] and one[2].count("stage 4/4 round 2/2") == 1   # it ran; rank 1 printed nothing
     assert two[2].count("stage 4/4 round 2/2") == 1
+
+
+def children(pid):
+    """The process ids whose parent is pid (Linux /proc: no pgrep needed)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()      # after "(comm)": state, ppid, ...
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def environ_rank(pid):
+    """The RANK torchrun gave a worker process, from its environment (Linux /proc)."""
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return next((int(e[5:]) for e in env if e.startswith(b"RANK=")), None)
+
+
+def test_a_killed_worker_is_restarted_by_torchrun_and_the_run_ends_with_the_same_numbers(tmp_path, tiny_cache):
+    flags = ["--setting", "task-hom", "--method", "disco", "--rounds", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FCIT_CACHE": str(tiny_cache)}
+    one = tmp_path / "one"
+    subprocess.run([sys.executable, "train.py", *TINY, *flags, "--out", str(one)], cwd=ROOT, env=env, check=True,
+                   capture_output=True, timeout=600)
+    two = tmp_path / "two"
+    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                              "--max-restarts", "1", "train.py", *TINY, *flags, "--out", str(two)],
+                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed = False
+    while agent.poll() is None and not killed:                        # after the first round's checkpoint: rank 1
+        if (two / "checkpoint.safetensors").exists():
+            victim = next((p for p in children(agent.pid) if environ_rank(p) == 1), None)
+            if victim is not None:
+                os.kill(victim, 9)
+                killed = True
+    output = agent.communicate(timeout=600)[0]
+    assert killed, "the run ended before a worker could be killed:\n" + output[-2000:]
+    assert agent.returncode == 0, output[-3000:]
+    assert "resuming from" in output                                   # the restarted rank 0 read the checkpoint
+    a, b = (json.loads((d / "results.json").read_text()) for d in (one, two))
+    assert {k: v for k, v in a.items() if k != "wall_seconds"} == {k: v for k, v in b.items() if k != "wall_seconds"}
