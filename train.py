@@ -3,6 +3,7 @@
     python train.py --setting task-hom                       # DISCO on the embedded benchmark (minutes, CPU)
     python train.py --setting task-het --method finetune --beta 0.5 --seed 1
     python train.py --data ROOT --model LLAVA --text-encoder CLIP --preset paper --device cuda   # the real benchmark
+    torchrun --standalone --nproc-per-node 2 train.py --setting task-hom   # a round's clients over 2 processes
 
 The path a reader follows: `resolve` turns flags into one RunConfig (every default is a dataclass field), `prepare`
 finds the data and the base (the embedded benchmark and the tiny base, made once into the cache, unless --data and
@@ -15,7 +16,8 @@ Methods: zeroshot (the base model), mtl (centralized multi-task upper bound), fi
 the baselines ewc, lwf, olora, moelora (baselines/). Servers (--server, baselines/server.py): fedavg, fedprox,
 fedavgm, fedadagrad, fedadam, fedyogi. --aggregate is the method's choice unless given: ab for ewc and the last four
 servers, which keep state in the coordinates of the LoRA factors (svd re-factors them every round), svd otherwise.
-Tests: python -m pytest tests/test_train.py
+Under torchrun (parallel/world.py) every process runs main; rank 0 alone logs and writes.
+Tests: python -m pytest tests/test_train.py tests/test_parallel.py
 """
 import argparse
 import dataclasses
