@@ -5,6 +5,7 @@
     python -m scripts.bench similarity  # identity-token cosine structure on the embedded benchmark: same-dataset
                                         # clients vs different datasets, against the DKO threshold
     python -m scripts.bench gpu         # one client's local epoch + a gated evaluation batch on LLaVA-7B shapes
+    python -m scripts.bench distributed # one short run at 1, 2, ... torchrun processes: wall time, clients/s
 """
 import argparse
 import time
@@ -187,6 +188,33 @@ def gpu(args):
     print(json.dumps(out), flush=True)
 
 
+def distributed(args):
+    """The same short run of train.py in 1, 2, ... processes (torchrun, one thread each): wall seconds, clients
+    trained per second of the whole run (evaluation included), and whether the results are the same."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    flags = ["--setting", args.setting, "--rounds", str(args.rounds), "--train-limit", str(args.train_limit),
+             "--test-limit", str(args.test_limit), "--fresh"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    seen = None
+    for n in args.processes:
+        out = tempfile.mkdtemp()
+        launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n)]
+                                     if n > 1 else [])
+        done = subprocess.run([*launch, "train.py", *flags, "--out", out], env=env, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"{n} process(es): train.py failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+        res = json.load(open(os.path.join(out, "results.json")))
+        clients = res["config"]["fed"]["clients_per_round"] * args.rounds * len(res["tasks"])
+        same = "" if seen is None else f", results {'the same' if res['acc'] == seen else 'DIFFERENT'}"
+        seen = seen or res["acc"]
+        print(f"{n} process(es): {res['wall_seconds']:.1f} s, {clients / res['wall_seconds']:.2f} clients/s "
+              f"(Last {res['last']:.2f}{same})", flush=True)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -211,5 +239,11 @@ if __name__ == "__main__":
     g.add_argument("--batch", type=int, default=128)
     g.add_argument("--micro-batch", type=int, default=8)
     g.add_argument("--eval-batch", type=int, default=16)
+    d = sub.add_parser("distributed")
+    d.add_argument("--processes", type=int, nargs="+", default=[1, 2])
+    d.add_argument("--setting", default="task-hom")
+    d.add_argument("--rounds", type=int, default=2)
+    d.add_argument("--train-limit", type=int, default=400)
+    d.add_argument("--test-limit", type=int, default=20)
     a = ap.parse_args()
-    {"speed": speed, "similarity": similarity, "gpu": gpu}[a.cmd](a)
+    {"speed": speed, "similarity": similarity, "gpu": gpu, "distributed": distributed}[a.cmd](a)
