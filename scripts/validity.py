@@ -16,6 +16,13 @@ rules.json):
             substring of one) and its score
   base      the untrained base's greedy answers (zero-shot)
 Flickr30k also gets its own answer with the color or the thing swapped (a caption with one attribute wrong).
+
+    python -m scripts.validity --transfer ArxivQA CLEVR-Math   # can the skill be learned, does it transfer?
+
+--transfer trains Finetune's LoRA on one dataset's training records for one local epoch (a stage's budget) and
+scores the training records, fresh draws with training looks (embedded benchmark only; a release drawn with
+another seed) and the test set: a gap between the last two is what the held-out looks cost, a low score everywhere
+is a skill the base cannot learn at this budget.
 Tests: python -m pytest -q tests/test_validity.py
 """
 import argparse
@@ -94,17 +101,44 @@ def base_scores(model_dir, system, tests, scoring, log):
     return out
 
 
+def transfer(cfg, root, base, names, scoring, log):
+    """{dataset: {"train": s, "fresh": s, "test": s}} after one epoch of one-task LoRA training from the base."""
+    fresh = root + "-fresh-seed7"
+    if cfg.data is None:
+        benchmark.write_release(fresh, seed=7, sizes=benchmark.Sizes(200, 200))
+    out = {}
+    for name in names:
+        model, processor = train.build_model(base, cfg)
+        examples = load_dataset(root, name, "train")
+        harness = train.make_harness(model, processor, {}, cfg, log)
+        train.local_train(model, harness, examples, gate=None, cfg=cfg.fed, rng=np.random.default_rng(0))
+        answer, rule = train.answerer(model, processor, cfg), scoring[name]
+        sets = {"train": examples[:200], "test": load_dataset(root, name, "test")}
+        if cfg.data is None:
+            sets["fresh"] = load_dataset(fresh, name, "train")
+        out[name] = {k: metrics.evaluate_dataset(answer, lambda chunk: None, rule, ex, batch=200)[0]
+                     for k, ex in sets.items()}
+        log(f"{name}: one epoch on {len(examples)} records -> " + ", ".join(f"{k} {v:.1f}" for k, v in out[name].items()))
+    return out
+
+
 def main(argv=None, log=print):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", help="a release root (default: the embedded benchmark in the cache)")
     ap.add_argument("--model", help="a base model folder (default: the tiny base train.py uses)")
     ap.add_argument("--limit", type=int, help="the first N records of each split")
     ap.add_argument("--no-base", action="store_true", help="skip the zero-shot base column")
+    ap.add_argument("--transfer", nargs="+", metavar="DATASET", help="only: learn each dataset alone, score it")
     a = ap.parse_args(argv)
     cfg = train.resolve(train.parse_args([*(["--data", a.data] if a.data else []),
-                                          *(["--model", a.model] if a.model else [])]))
+                                          *(["--model", a.model] if a.model else []), "--method", "finetune"]))
     root, base = train.prepare(cfg, log)
     scoring = rules(root, metrics.RULES)
+    if a.transfer:
+        unknown = [n for n in a.transfer if n not in METRIC]
+        if unknown:
+            raise SystemExit(f"--transfer: {unknown[0]!r} is not a dataset; choose from {', '.join(METRIC)}")
+        return transfer(cfg, root, base, a.transfer, scoring, log)
     rng = np.random.default_rng(0)
     tests = {name: load_dataset(root, name, "test", limit=a.limit) for name in METRIC}
     rows = {}
