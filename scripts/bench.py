@@ -6,6 +6,7 @@
                                         # clients vs different datasets, against the DKO threshold
     python -m scripts.bench gpu         # one client's local epoch + a gated evaluation batch on LLaVA-7B shapes
     python -m scripts.bench distributed # one short run at 1, 2, ... torchrun processes: wall time, clients/s
+    python -m scripts.bench stragglers  # simulated speed-up of one client a process, from real client sizes
 """
 import argparse
 import time
@@ -215,6 +216,31 @@ def distributed(args):
               f"(Last {res['last']:.2f}{same})", flush=True)
 
 
+def stragglers(args):
+    """Simulated training speed-up of one client per process, from the partition's real client sizes: a round's
+    time is its most loaded process's examples (clients placed by parallel.world.balance), over 8 task-related
+    stages x 10 rounds x 5 clients of 4,000-example tasks (the default run), against one process."""
+    from data import dirichlet_partition
+    from federated import sample_clients
+    from parallel.world import balance
+    for beta in (0.5, 1.0, 5.0):
+        line = []
+        for g in args.processes:
+            one = many = 0
+            for seed in range(3):
+                rng = np.random.default_rng([seed, 2])
+                sizes = [[len(c) for c in dirichlet_partition(4000, 50, beta=beta, min_size=4, rng=rng)]
+                         for _ in range(8)]
+                for t in range(8):
+                    for r in range(10):
+                        picked = sample_clients(50, 5, np.random.default_rng([seed, t, r]))
+                        work = [sizes[t][c] for c in picked]
+                        one += sum(work)
+                        many += max(sum(work[i] for i in b) for b in balance(work, g))
+            line.append(f"{g} processes {one / many:.2f}x")
+        print(f"beta {beta}: " + ", ".join(line), flush=True)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -245,5 +271,7 @@ if __name__ == "__main__":
     d.add_argument("--rounds", type=int, default=2)
     d.add_argument("--train-limit", type=int, default=400)
     d.add_argument("--test-limit", type=int, default=20)
+    t = sub.add_parser("stragglers")
+    t.add_argument("--processes", type=int, nargs="+", default=[2, 5])
     a = ap.parse_args()
-    {"speed": speed, "similarity": similarity, "gpu": gpu, "distributed": distributed}[a.cmd](a)
+    {"speed": speed, "similarity": similarity, "gpu": gpu, "distributed": distributed, "stragglers": stragglers}[a.cmd](a)
