@@ -63,3 +63,17 @@ def test_a_base_whose_weights_changed_is_named(tiny_run, tmp_path):
 def test_a_folder_without_a_checkpoint_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         ask.load_run(str(tmp_path))
+
+
+def test_gates_scores_every_task_under_three_gates_and_its_softmax_row_is_the_runs(tiny_run):
+    run = tiny_run()
+    out = ask.main([str(run.out), "--gates"], log=lambda *a: None)
+    assert set(out) == set(run.res["tasks"])
+    assert {t: v["softmax"] for t, v in out.items()} == run.res["acc"][-1]      # the gate the run evaluated with
+    assert all(set(v) == {"softmax", "argmax", "own", "learned"} for v in out.values())
+
+
+def test_gates_refuses_a_method_without_routes(tiny_run):
+    run = tiny_run("--method", "finetune")
+    with pytest.raises(ValueError, match="needs a gated method's run"):
+        ask.main([str(run.out), "--gates"], log=lambda *a: None)
