@@ -80,10 +80,11 @@ def collect(root, *, methods, settings, beta, seeds):
 
 
 def cell(values):
-    """'mean' for one seed, 'mean +- std' for several (population std), '-' for none."""
+    """'mean' for one seed, 'mean +- std (n seeds)' for several (population std), '-' for none: a table of a
+    sweep still running mixes cells of one seed and of three, and says which is which."""
     if not values:
         return "-"
-    return f"{np.mean(values):.2f}" + (f" +- {np.std(values):.2f}" if len(values) > 1 else "")
+    return f"{np.mean(values):.2f}" + (f" +- {np.std(values):.2f} ({len(values)})" if len(values) > 1 else "")
 
 
 def table_markdown(found, *, methods, settings, beta, seeds):

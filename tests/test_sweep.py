@@ -35,7 +35,7 @@ def test_sweep_writes_the_table_from_the_runs_and_skips_finished_runs(tiny_run, 
 
 
 def test_cells_are_mean_and_std_over_seeds():
-    assert sweep.cell([70.0, 80.0]) == f"75.00 +- {np.std([70.0, 80.0]):.2f}"
+    assert sweep.cell([70.0, 80.0]) == f"75.00 +- {np.std([70.0, 80.0]):.2f} (2)"
     assert sweep.cell([70.0]) == "70.00" and sweep.cell([]) == "-"
 
 
