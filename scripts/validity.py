@@ -125,7 +125,8 @@ def transfer(cfg, root, base, names, scoring, log):
 def main(argv=None, log=print):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", help="a release root (default: the embedded benchmark in the cache)")
-    ap.add_argument("--model", help="a base model folder (default: the tiny base train.py uses)")
+    ap.add_argument("--model", help="a LLaVA checkpoint folder, prompted as train.py --model prompts it (vicuna_v1's "
+                    "system line; default: the tiny base with its own)")
     ap.add_argument("--limit", type=int, help="the first N records of each split")
     ap.add_argument("--no-base", action="store_true", help="skip the zero-shot base column")
     ap.add_argument("--transfer", nargs="+", metavar="DATASET", help="only: learn each dataset alone, score it")
