@@ -143,7 +143,7 @@ def test_first_round_rule_opens_when_no_subspace_is_open_and_keeps_the_cap_rule_
 
 
 def test_open_rule_is_checked():
-    assert DiscoConfig().open == "every-round" and set(OPENINGS) == {"every-round", "first-round"}
+    assert DiscoConfig().open == "first-round" and set(OPENINGS) == {"every-round", "first-round"}
     assert [may_open("first-round", r) for r in range(3)] == [True, False, False]
     assert [may_open("every-round", r) for r in range(3)] == [True, True, True]
     with pytest.raises(ValueError, match="--open"):
