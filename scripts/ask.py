@@ -18,10 +18,13 @@ import dataclasses
 import json
 import os
 
+import numpy as np
 import torch
+from safetensors.torch import load_file
 
+import metrics
 import train
-from data import Example
+from data import Example, get_setting, load_release, rules
 from embedded.base import weights_sha256
 from federated import load_client_state, strip_prefix
 from storage.checkpoint import CHECKPOINT, checkpoint_meta
@@ -54,7 +57,6 @@ def load_run(run_dir, log=lambda *a: None):
         raise ValueError(f"{base}: its weights are not the ones {run_dir} was trained on (sha256 "
                          f"{res['base_sha256']} in results.json)")
     meta = checkpoint_meta(run_dir)
-    from safetensors.torch import load_file
     tensors = load_file(os.path.join(run_dir, CHECKPOINT))
     model, processor = train.build_model(base, cfg)
     load_client_state(model, strip_prefix(tensors, "global."))
@@ -69,9 +71,6 @@ def gate_scores(run_dir, log=print):
     """{task: {"softmax": s, "argmax": s, "own": s, "learned": s}}: each seen task's test score after the last
     stage under the method's gate, the one-hot gate on its argmax, and a gate spread evenly over the subspaces the
     task's own clients trained (results.json's routes); learned = its score after the stage that taught it."""
-    import numpy as np
-    import metrics
-    from data import get_setting, load_release, rules
     model, processor, strategy, cfg = load_run(run_dir, log)
     with open(os.path.join(run_dir, "results.json")) as f:
         res = json.load(f)
