@@ -295,6 +295,14 @@ def answerer(model, processor, cfg: RunConfig):
     return answer
 
 
+def load_data(cfg: RunConfig, root, setting):
+    """(data, the release's client partition or None) of a run: its examples, capped by --train-limit and
+    --test-limit with the run's own seeded draw, so that scripts/ask.py scores exactly the test sets the run did."""
+    return load_release(root, setting, beta=cfg.beta, num_clients=cfg.fed.num_clients,
+                        rng=np.random.default_rng([cfg.seed, 1]), train_limit=cfg.train_limit,
+                        test_limit=cfg.test_limit)
+
+
 def make_harness(model, processor, data, cfg: RunConfig, log, rules=METRIC, world=Solo()) -> Harness:
     """The model-specific pieces of the loop: batches, the evaluation (metrics.evaluate_tasks with the model's
     answers, the test batches spread over the world's processes), and the frozen encoders of identity tokens
@@ -388,9 +396,7 @@ def main(argv=None, log=print):
     scoring = rules(root, metrics.RULES)                               # a bad rules.json is named before any work
     # the release's own client partition when it ships one for this beta (results then compare with the paper's),
     # else our seeded Dirichlet partition
-    data, parts = load_release(root, setting, beta=cfg.beta, num_clients=cfg.fed.num_clients,
-                               rng=np.random.default_rng([cfg.seed, 1]), train_limit=cfg.train_limit,
-                               test_limit=cfg.test_limit)
+    data, parts = load_data(cfg, root, setting)
     if parts is None:
         parts = partition_setting(data, cfg.fed.num_clients, beta=cfg.beta, min_size=cfg.fed.min_size,
                                   rng=np.random.default_rng([cfg.seed, 2]))

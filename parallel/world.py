@@ -102,6 +102,11 @@ def join(device):
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
         return None
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's workers share its rendezvous store across restarts, so a restarted worker can read the dead
+        # attempt's addresses and hang in gloo's (or NCCL's) connect (measured: 1 try in 3; pytorch issue 135712)
+        raise SystemExit("torchrun --max-restarts needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment "
+                         "(each attempt then gets a fresh store): TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun ...")
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():

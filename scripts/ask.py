@@ -20,14 +20,13 @@ import os
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 import metrics
 import train
-from data import Example, get_setting, load_release, rules
+from data import Example, get_setting, rules
 from embedded.base import weights_sha256
 from federated import load_client_state, strip_prefix
-from storage.checkpoint import CHECKPOINT, checkpoint_meta
+from storage.checkpoint import CHECKPOINT, read_checkpoint
 
 
 def run_config(d) -> train.RunConfig:
@@ -56,8 +55,7 @@ def load_run(run_dir, log=lambda *a: None):
     if weights_sha256(base) != res["base_sha256"]:
         raise ValueError(f"{base}: its weights are not the ones {run_dir} was trained on (sha256 "
                          f"{res['base_sha256']} in results.json)")
-    meta = checkpoint_meta(run_dir)
-    tensors = load_file(os.path.join(run_dir, CHECKPOINT))
+    tensors, meta = read_checkpoint(run_dir, {})                      # one read: tensors and progress
     model, processor = train.build_model(base, cfg)
     load_client_state(model, strip_prefix(tensors, "global."))
     harness = train.make_harness(model, processor, {}, cfg, log)
@@ -78,9 +76,7 @@ def gate_scores(run_dir, log=print):
         raise ValueError(f"{run_dir}: --gates needs a gated method's run (results.json has no routes)")
     root, _ = train.prepare(cfg, lambda *a: None)
     setting = get_setting(cfg.setting)
-    data, _ = load_release(root, setting, beta=cfg.beta, num_clients=cfg.fed.num_clients,
-                           rng=np.random.default_rng([cfg.seed, 1]), train_limit=cfg.train_limit,
-                           test_limit=cfg.test_limit)
+    data, _ = train.load_data(cfg, root, setting)
     scoring, answer = rules(root, metrics.RULES), train.answerer(model, processor, cfg)
     out = {}
     for t, task in enumerate(setting.tasks):

@@ -4,14 +4,13 @@ weights changed is named. Run: python -m pytest -q tests/test_ask.py"""
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import metrics
 import train
-from data import get_setting, load_release, rules
+from data import get_setting, rules
 from embedded import benchmark
 from federated import client_state, strip_prefix
 from lora import split_factor
@@ -23,9 +22,7 @@ def test_a_loaded_run_evaluates_its_test_sets_exactly_as_the_run_did_at_its_end(
     model, processor, strategy, cfg = ask.load_run(str(run.out))
     root, _ = train.prepare(cfg, log=lambda *a: None)
     setting = get_setting(cfg.setting)
-    data, _ = load_release(root, setting, beta=cfg.beta, num_clients=cfg.fed.num_clients,
-                           rng=np.random.default_rng([cfg.seed, 1]), train_limit=cfg.train_limit,
-                           test_limit=cfg.test_limit)
+    data, _ = train.load_data(cfg, root, setting)
     harness = train.make_harness(model, processor, data, cfg, lambda *a: None, rules=rules(root, metrics.RULES))
     acc, acc_datasets, gates = harness.evaluate(setting.tasks, strategy)
     assert acc == run.res["acc"][-1] and acc_datasets == run.res["acc_datasets"][-1]
