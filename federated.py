@@ -39,7 +39,7 @@ class FedConfig:
     batch_size: int = 8             # local batch: examples per optimizer step
     micro_batch: int = 0            # examples per forward pass; gradients accumulate up to batch_size (0 = all)
     lr: float = 2e-3                # peak lr of LoRA (paper: 2e-4 for 7B; a tiny model needs more)
-    projector_lr: float = 2e-4      # peak lr of the projector: lr / 10, as the official scripts (2e-5 vs 2e-4)
+    projector_lr: float = 2e-4      # peak lr of the projector: lr / 10 here; --preset paper: = lr (official code)
     warmup: float = 0.03            # fraction of local steps (paper)
     min_size: int = 4               # fewest examples a client gets in the Dirichlet partition
     train_projector: bool = True    # the projector is trained and plainly averaged (paper)

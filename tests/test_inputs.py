@@ -62,6 +62,12 @@ def test_a_preset_projector_lr_is_checked_too():
         train.validate(cfg)
 
 
+def test_the_paper_preset_trains_the_projector_at_the_lora_rate_as_the_official_trainer_does():
+    # the official scripts pass --mm_projector_lr 2e-5, which the official trainer never puts into an optimizer group
+    fed = train.resolve(train.parse_args(["--preset", "paper"])).fed
+    assert fed.projector_lr == fed.lr == 2e-4
+
+
 def test_edge_values_in_range_are_kept_not_replaced_by_defaults():
     cfg = train.resolve(train.parse_args(["--preset", "tiny", "--threshold", "0", "--micro-batch", "0", "--mu", "0",
                                           "--lr", "1", "--server", "fedprox"]))
