@@ -26,7 +26,7 @@ import glob
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from PIL import Image
@@ -389,6 +389,26 @@ def load_partitions(root, setting, folder, num_clients, train_limit):
         parts[task] = np.split(np.arange(sum(sizes)), np.cumsum(sizes)[:-1])      # C arrays of client indices
         train[task] = [e for c in clients for e in c]
     return train, parts
+
+
+def release_setting(root, setting: Setting, *, beta) -> Setting:
+    """The setting in the stage order of the release's Task<t> folders when it ships a partition for this beta (each
+    folder's task read from its content, as load_partitions does), else unchanged. The Het table keeps its rows of
+    task indices, now into that order, as the official code's tables index its Task folders: under the official
+    capability order (General, Other, Math, Chart) rows 2-4 of cap-het swap Chart and Other."""
+    folder = partition_dir(root, setting, beta)
+    if not os.path.isdir(folder):
+        return setting
+    check_files(root, setting, [client_file(folder, t, 0) for t in range(1, setting.num_stages + 1)])
+    order = []
+    for t in range(1, setting.num_stages + 1):
+        records, k = [], 0
+        while not records and os.path.exists(client_file(folder, t, k)):    # the first client that holds records
+            records, k = read_json(client_file(folder, t, k)), k + 1
+        order.append(identify_task(records, setting, os.path.join(folder, f"Task{t}")))
+    if sorted(order) != sorted(setting.tasks):
+        raise ValueError(f"{folder}: its Task folders hold {order}, not each of {setting.tasks} once; {HOW_TO}")
+    return setting if order == setting.tasks else replace(setting, tasks=order)
 
 
 def load_release(root, setting: Setting, *, beta, num_clients, rng, train_limit=None, test_limit=None):

@@ -40,7 +40,7 @@ from baselines.lwf import LwFConfig
 from baselines.olora import OLoRAConfig
 from baselines.server import SERVERS, STATEFUL, ServerConfig, ServerOptimizer
 from data import (METRIC, check_images, get_setting, load_release, partition_lists, partition_setting, read_image,
-                  rules, save_partition)
+                  release_setting, rules, save_partition)
 from embedded import benchmark, pretraining
 from embedded.base import BaseConfig, pretrain_base, shipped, weights_sha256
 from federated import (Disco, Diverged, FedConfig, Finetune, Harness, Progress, Solo, local_train, run_continual,
@@ -297,12 +297,19 @@ def answerer(model, processor, cfg: RunConfig):
     return answer
 
 
-def load_data(cfg: RunConfig, root, setting):
-    """(data, the release's client partition or None) of a run: its examples, capped by --train-limit and
-    --test-limit with the run's own seeded draw, so that scripts/ask.py scores exactly the test sets the run did."""
-    return load_release(root, setting, beta=cfg.beta, num_clients=cfg.fed.num_clients,
-                        rng=np.random.default_rng([cfg.seed, 1]), train_limit=cfg.train_limit,
-                        test_limit=cfg.test_limit)
+def load_data(cfg: RunConfig, root, log=lambda *a: None):
+    """(setting, data, the release's client partition or None) of a run: the setting in the stage order of the
+    release's Task folders when it ships a partition, and its examples, capped by --train-limit and --test-limit
+    with the run's own seeded draw, so that scripts/ask.py scores exactly the test sets the run did."""
+    setting = get_setting(cfg.setting)
+    ordered = release_setting(root, setting, beta=cfg.beta)
+    if ordered.tasks != setting.tasks:
+        log(f"stage order from the release's Task folders: {', '.join(ordered.tasks)} (the Het table's task "
+            f"indices follow it)")
+    data, parts = load_release(root, ordered, beta=cfg.beta, num_clients=cfg.fed.num_clients,
+                               rng=np.random.default_rng([cfg.seed, 1]), train_limit=cfg.train_limit,
+                               test_limit=cfg.test_limit)
+    return ordered, data, parts
 
 
 def make_harness(model, processor, data, cfg: RunConfig, log, rules=METRIC, world=Solo()) -> Harness:
@@ -385,7 +392,6 @@ def main(argv=None, log=print):
     world = join(cfg.device) or Solo()                                 # torchrun's processes, else this one alone
     if world.rank:
         log = lambda *a: None                                          # noqa: E731 (rank 0 alone logs and writes)
-    setting = get_setting(cfg.setting)
     out = args.out or os.path.join("runs", f"{cfg.setting}_{cfg.method}_b{cfg.beta:g}_s{cfg.seed}")
     cfg_json = json.loads(json.dumps(dataclasses.asdict(cfg)))
     torch.manual_seed(cfg.seed)
@@ -398,7 +404,7 @@ def main(argv=None, log=print):
     scoring = rules(root, metrics.RULES)                               # a bad rules.json is named before any work
     # the release's own client partition when it ships one for this beta (results then compare with the paper's),
     # else our seeded Dirichlet partition
-    data, parts = load_data(cfg, root, setting)
+    setting, data, parts = load_data(cfg, root, log)
     if parts is None:
         parts = partition_setting(data, cfg.fed.num_clients, beta=cfg.beta, min_size=cfg.fed.min_size,
                                   rng=np.random.default_rng([cfg.seed, 2]))

@@ -23,7 +23,7 @@ import torch
 
 import metrics
 import train
-from data import Example, get_setting, rules
+from data import Example, rules
 from embedded.base import weights_sha256
 from federated import load_client_state, strip_prefix
 from storage.checkpoint import CHECKPOINT, read_checkpoint
@@ -75,8 +75,7 @@ def gate_scores(run_dir, log=print):
     if "routes" not in res:
         raise ValueError(f"{run_dir}: --gates needs a gated method's run (results.json has no routes)")
     root, _ = train.prepare(cfg, lambda *a: None)
-    setting = get_setting(cfg.setting)
-    data, _ = train.load_data(cfg, root, setting)
+    setting, data, _ = train.load_data(cfg, root)
     scoring, answer = rules(root, metrics.RULES), train.answerer(model, processor, cfg)
     out = {}
     for t, task in enumerate(setting.tasks):

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import metrics
 import train
-from data import get_setting, rules
+from data import rules
 from embedded import benchmark
 from federated import client_state, strip_prefix
 from lora import split_factor
@@ -21,8 +21,7 @@ def test_a_loaded_run_evaluates_its_test_sets_exactly_as_the_run_did_at_its_end(
     run = tiny_run()                                                    # DISCO, task-hom, the tiny preset
     model, processor, strategy, cfg = ask.load_run(str(run.out))
     root, _ = train.prepare(cfg, log=lambda *a: None)
-    setting = get_setting(cfg.setting)
-    data, _ = train.load_data(cfg, root, setting)
+    setting, data, _ = train.load_data(cfg, root)
     harness = train.make_harness(model, processor, data, cfg, lambda *a: None, rules=rules(root, metrics.RULES))
     acc, acc_datasets, gates = harness.evaluate(setting.tasks, strategy)
     assert acc == run.res["acc"][-1] and acc_datasets == run.res["acc_datasets"][-1]

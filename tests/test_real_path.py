@@ -84,6 +84,11 @@ def test_disco_runs_on_the_release_layout_with_clip_identity_tokens(folders, dis
     assert len(res["acc"]) == stages and len(res["subspaces"]) == stages
     assert json.loads((out / "config.json").read_text())["text_encoder"] == str(folders[2])
     assert any(line.startswith("using the release's client partition for beta 1") for line in lines)
+    if setting == "cap-het":                                            # the fixture's folders: Other, Math, ...
+        assert res["tasks"] == CAP_ORDER and list(res["acc"][0]) == sorted(
+            {CAP_ORDER[i] for i in D.HET_CAP[0]}, key=CAP_ORDER.index)
+        assert f"stage order from the release's Task folders: {', '.join(CAP_ORDER)} (the Het table's task " \
+               f"indices follow it)" in lines
     # the release's own partition was used: client c of every task holds exactly its client_<c>.json records
     root, s = folders[0], train.get_setting(setting)
     assert partition_ids(root, setting, out) == {task: [release_client_ids(root, setting, task, c)

@@ -134,6 +134,31 @@ def test_cap_folders_are_mapped_by_content_whatever_their_order(tmp_path, order)
             assert [got[group].train[i].id for i in idx] == client_ids(tmp_path, "Capability-related/cap/1.0", t, c)
 
 
+def test_the_stage_order_is_the_release_folders_and_the_het_table_indexes_it(tmp_path):
+    official = ["General", "Other", "Math", "Chart"]                   # the order the official cap-hom eval implies
+    rf.write_release_fixture(tmp_path, num_clients=CLIENTS, per_file=PER_FILE, cap_order=official)
+    hom = data.release_setting(str(tmp_path), data.SETTINGS["cap-hom"], beta=1.0)
+    het = data.release_setting(str(tmp_path), data.SETTINGS["cap-het"], beta=1.0)
+    assert hom.tasks == het.tasks == official and [hom.stage_tasks(t) for t in range(4)] == [[g] for g in official]
+    assert het.client_tasks == data.HET_CAP                             # the rows of task indices are kept
+    default = data.SETTINGS["cap-het"]
+    names = lambda s, t: sorted(s.tasks[i] for i in s.client_tasks[t])  # noqa: E731
+    assert names(het, 0) == names(default, 0)                           # row 1 holds Chart and Other twice each
+    for t in (1, 2, 3):                                                 # rows 2-4: Chart and Other swap
+        swap = {"Chart": "Other", "Other": "Chart"}
+        assert names(het, t) == sorted(swap.get(g, g) for g in names(default, t))
+    # and the data of each group is the same, only the order of the stages moved
+    got, parts = data.load_release(str(tmp_path), hom, beta=1.0, num_clients=CLIENTS, rng=np.random.default_rng(0))
+    assert list(got) == list(parts) == official
+
+
+def test_without_a_partition_the_setting_keeps_its_order(tmp_path):
+    rf.write_release_fixture(tmp_path, num_clients=CLIENTS, per_file=PER_FILE, partitions=False)
+    assert data.release_setting(str(tmp_path), data.SETTINGS["cap-het"], beta=1.0) is data.SETTINGS["cap-het"]
+    rf.write_release_fixture(tmp_path / "b", num_clients=CLIENTS, per_file=PER_FILE)
+    assert data.release_setting(str(tmp_path / "b"), data.SETTINGS["cap-hom"], beta=0.5) is data.SETTINGS["cap-hom"]
+
+
 def test_unidentifiable_cap_folder_raises_naming_it(fresh):
     folder = fresh / "partitioned_data" / "Capability-related" / "cap" / "1.0" / "Task2"
     for c in range(CLIENTS):                         # the same images, moved to a folder no dataset uses
