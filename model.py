@@ -15,6 +15,7 @@ import os
 
 import numpy as np
 import torch
+from PIL import Image
 from safetensors import SafetensorError, safe_open
 from transformers import AutoProcessor, AutoTokenizer, CLIPTextModel, LlavaForConditionalGeneration
 
@@ -105,6 +106,20 @@ def load_text_encoder(path, *, device="cpu"):
     for p in encoder.parameters():
         p.requires_grad_(False)
     return encoder, AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+# ---------------------------------------------------------------------------- images
+def expand_to_square(image, processor):
+    """The official `--image_aspect_ratio pad`: a non-square image centred on a square of the image processor's mean
+    color before the processor resizes it, so nothing is cropped; the release's Grounding boxes are normalized to
+    this padded square. A square image (every embedded one) is returned as it is."""
+    w, h = image.size
+    if w == h:
+        return image
+    mean = tuple(int(c * 255) for c in processor.image_processor.image_mean)
+    square = Image.new(image.mode, (max(w, h), max(w, h)), mean)
+    square.paste(image, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
+    return square
 
 
 # ---------------------------------------------------------------------------- batches, loss, generation

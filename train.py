@@ -46,8 +46,8 @@ from embedded.base import BaseConfig, pretrain_base, shipped, weights_sha256
 from federated import (Disco, Diverged, FedConfig, Finetune, Harness, Progress, Solo, local_train, run_continual,
                        strip_prefix)
 from lora import LoRAConfig, add_lora, gated
-from model import (VICUNA_SYSTEM, clip_text_features, collate, generate, image_features, instruction_features,
-                   load_llava, load_text_encoder, require_folder, to_device)
+from model import (VICUNA_SYSTEM, clip_text_features, collate, expand_to_square, generate, image_features,
+                   instruction_features, load_llava, load_text_encoder, require_folder, to_device)
 from parallel.world import join
 from storage.checkpoint import CHECKPOINT, Checkpoint, atomic, fingerprint, read_checkpoint, where, write_json
 
@@ -288,11 +288,16 @@ def build_model(base, cfg: RunConfig):
     return model.eval(), processor
 
 
+def images_of(examples, processor):
+    """The examples' images as the model sees them: read, then padded to a square (model.expand_to_square)."""
+    return [expand_to_square(read_image(e.image), processor) for e in examples]
+
+
 def answerer(model, processor, cfg: RunConfig):
     """answer(examples, gate) -> greedy answers, with `gate` ((B, K) or None) bound on the LoRA layers."""
     def answer(examples, gate):
         with gated(model, gate):
-            return generate(model, processor, [read_image(e.image) for e in examples], [e.question for e in examples],
+            return generate(model, processor, images_of(examples, processor), [e.question for e in examples],
                             system=cfg.system, max_new_tokens=cfg.fed.max_new_tokens)
     return answer
 
@@ -317,11 +322,8 @@ def make_harness(model, processor, data, cfg: RunConfig, log, rules=METRIC, worl
     answers, the test batches spread over the world's processes), and the frozen encoders of identity tokens
     (CLIP's text tower when --text-encoder is given, loaded on first use; else the base's own word embeddings).
     rules: {dataset: metric} (data.rules of the release)."""
-    def images(examples):
-        return [read_image(e.image) for e in examples]
-
     def make_batch(examples):
-        batch = collate(processor, images(examples), [e.question for e in examples], [e.answer for e in examples],
+        batch = collate(processor, images_of(examples, processor), [e.question for e in examples], [e.answer for e in examples],
                         system=cfg.system)
         return to_device(batch, model.device, model.dtype)
 
@@ -337,7 +339,7 @@ def make_harness(model, processor, data, cfg: RunConfig, log, rules=METRIC, worl
     encode_text = ((lambda questions: clip_text_features(*clip(), questions)) if cfg.text_encoder else
                    (lambda questions: instruction_features(model, processor, questions)))
     return Harness(make_batch, evaluate, encode_text,
-                   encode_images=lambda examples: image_features(model, processor, images(examples)))
+                   encode_images=lambda examples: image_features(model, processor, images_of(examples, processor)))
 
 
 def make_strategy(cfg: RunConfig, model, harness, log, detail):

@@ -94,7 +94,7 @@ def base_scores(model_dir, system, tests, scoring, log):
         preds = []
         for i in range(0, len(examples), 100):
             chunk = examples[i:i + 100]
-            preds += generate(model, processor, [read_image(e.image) for e in chunk], [e.question for e in chunk],
+            preds += generate(model, processor, train.images_of(chunk, processor), [e.question for e in chunk],
                               system=system)
         out[name] = score(scoring[name], preds, examples)
         log(f"  base on {name}: {out[name]:.1f} (e.g. {preds[0]!r})")

@@ -1,6 +1,6 @@
 """Tests for model.py and embedded/base.py on a tiny LLaVA (1 layer, width 32): the word-level tokenizer, the vicuna_v1
 prompt, the answer-only labels and the padding sides of `collate`, the frozen instruction features, greedy
-generation, and the save_pretrained / load_llava round trip.
+generation, the save_pretrained / load_llava round trip, and the official pad-to-square of images.
 Run: python -m pytest -q tests/test_model.py"""
 import re
 
@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from embedded.base import BaseConfig, build_processor, build_tiny_llava, build_tokenizer
-from model import collate, generate, instruction_features, load_llava, prompt
+from model import collate, expand_to_square, generate, instruction_features, load_llava, prompt
 
 # B batch, T tokens, D width, P image tokens
 SYSTEM = "a chat between a human and an assistant ."
@@ -173,3 +173,36 @@ def test_load_llava_without_config_names_the_folder_and_the_file(tmp_path):
     folder = str(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match=re.escape(folder) + r".*config\.json"):
         load_llava(folder)
+
+
+# ---------------------------------------------------------------------------- images padded to a square
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]                  # CLIP's image processor, as LLaVA-1.5 ships it
+
+
+class Processor:                                                 # what expand_to_square reads of a processor
+    class image_processor:
+        image_mean = CLIP_MEAN
+
+
+@pytest.mark.parametrize("size,offset", [((60, 30), (0, 15)), ((30, 60), (15, 0))])
+def test_a_box_normalized_to_the_padded_square_lands_on_its_object(size, offset):
+    w, h = size
+    image = Image.new("RGB", size, (255, 255, 255))
+    image.paste((255, 0, 0), (4, 6, 14, 20))                     # the object: x 4..13, y 6..19 of the original
+    # the release normalizes a Grounding box to the square the official code pads to: side max(w, h), the image
+    # centred on it, so the box is ((x + dx) / side, (y + dy) / side)
+    side, (dx, dy) = max(w, h), offset
+    box = [(4 + dx) / side, (6 + dy) / side, (14 + dx) / side, (20 + dy) / side]
+    square = expand_to_square(image, Processor)
+    assert square.size == (side, side)
+    red = [(x, y) for x in range(side) for y in range(side) if square.getpixel((x, y)) == (255, 0, 0)]
+    xs, ys = [x for x, _ in red], [y for _, y in red]
+    assert [min(xs) / side, min(ys) / side, (max(xs) + 1) / side, (max(ys) + 1) / side] == box
+    # both bands of padding (top and bottom, or left and right) are the processor's mean color, int(255 * mean)
+    assert square.getpixel((0, 0)) == square.getpixel((side - 1, side - 1)) == (122, 116, 104)
+
+
+def test_a_square_image_is_not_padded():
+    image = Image.new("RGB", (32, 32), (1, 2, 3))
+    assert expand_to_square(image, Processor) is image
+
