@@ -114,6 +114,7 @@ class Example:
     answer: str                         # first gpt turn
     references: list | None = None      # caption references when the record has several
     source: str = ""                    # "FILE: record i", where the record lies: what check_images names
+    later: tuple = ()                   # ((question, answer), ...): the turns after the first; trained on, never asked
 
 
 def read_json(path):
@@ -134,7 +135,8 @@ def as_text(answer):
 
 
 def question_answer(r, where):
-    """(question, answer): first human and first gpt turn, or the official eval's "text" + "answer"/"answer_bbox"."""
+    """(question, answer, later turns): the first human and gpt turns and the (human, gpt) pairs after them, or
+    the official eval's "text" + "answer"/"answer_bbox" (one turn)."""
     if "conversations" not in r and "text" in r:
         answer = r.get("answer", r.get("answer_bbox"))
         if not isinstance(r["text"], str) or answer is None:
@@ -142,16 +144,20 @@ def question_answer(r, where):
                              "(or 'answer_bbox'); see README, 'Data format'")
         # model_vqa.py prompts with "<image>\n" + text; we keep the LLaVA form of the conversation records
         question = r["text"] if "<image>" in r["text"] else "<image>\n" + r["text"]
-        return question, as_text(answer)
+        return question, as_text(answer), ()
     conv = r.get("conversations")
     if not isinstance(conv, list) or len(conv) < 2 or not all(isinstance(c, dict) for c in conv):
         raise ValueError(f"{where} has no 'conversations' with a human and a gpt turn (nor 'text' and "
                          "'answer'); see README, 'Data format'")
-    human = next((c.get("value") for c in conv if c.get("from") == "human"), None)
-    gpt = next((c.get("value") for c in conv if c.get("from") == "gpt"), None)
-    if human is None or gpt is None:
+    humans = [c.get("value") for c in conv if c.get("from") == "human"]
+    gpts = [c.get("value") for c in conv if c.get("from") == "gpt"]
+    if not humans or not gpts:
         raise ValueError(f"{where} needs one turn from 'human' and one from 'gpt'")
-    return human, as_text(gpt)
+    if len(humans) != len(gpts):
+        raise ValueError(f"{where} has {len(humans)} human and {len(gpts)} gpt turns; each human turn needs the gpt "
+                         f"turn that answers it (no turn is dropped)")
+    # the official trainer learns every gpt turn of a conversation; the later turns ride along as (question, answer)
+    return humans[0], as_text(gpts[0]), tuple(zip(humans[1:], map(as_text, gpts[1:])))
 
 
 def parse_records(records, path, image_root):
@@ -163,11 +169,11 @@ def parse_records(records, path, image_root):
         where = f"{path}: record {i}"
         if not isinstance(r, dict):
             raise ValueError(f"{where} has no 'conversations': it is a {type(r).__name__}, not a record")
-        question, answer = question_answer(r, where)
+        question, answer, later = question_answer(r, where)
         if not isinstance(r.get("image"), str):
             raise ValueError(f"{where} ({r.get('id', '?')}) has no 'image'")
         out.append(Example(str(r.get("id", r.get("question_id", i))), resolve_image(image_root, r["image"]),
-                           question, answer, r.get("references"), source=where))
+                           question, answer, r.get("references"), source=where, later=later))
     return out
 
 

@@ -123,8 +123,10 @@ def expand_to_square(image, processor):
 
 
 # ---------------------------------------------------------------------------- batches, loss, generation
-def collate(processor, images, questions, answers=None, *, system):
-    """Token ids with the image placeholder expanded, pixel values, and labels on the answer (+ eos) only.
+def collate(processor, images, questions, answers=None, *, system, later=None):
+    """Token ids with the image placeholder expanded, pixel values, and labels on the answers (+ eos) only.
+    later[i]: example i's turns after the first, ((question, answer), ...), appended in vicuna_v1's multi-turn
+    form "... ASSISTANT: a1</s>USER: q2 ASSISTANT: a2</s>" with every answer labelled, as the official trainer.
     Without answers: left-padded prompts for generation."""
     tok = processor.tokenizer
     enc = processor(text=[prompt(q, system) for q in questions], images=images)
@@ -135,6 +137,12 @@ def collate(processor, images, questions, answers=None, *, system):
         ans = tok([" " + a for a in answers], add_special_tokens=False)["input_ids"]
         seqs = [p + a + [tok.eos_token_id] for p, a in zip(prompts, ans)]
         labels = [[-100] * len(p) + a + [tok.eos_token_id] for p, a in zip(prompts, ans)]
+        for i, turns in enumerate(later or []):
+            for q, a in turns:
+                user = tok(f"USER: {q} ASSISTANT:", add_special_tokens=False)["input_ids"]
+                reply = tok(" " + a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                seqs[i] = seqs[i] + user + reply
+                labels[i] = labels[i] + [-100] * len(user) + reply
     T = max(len(s) for s in seqs)
     left = answers is None                                                 # generation continues on the right
     ids = torch.full((len(seqs), T), tok.pad_token_id, dtype=torch.long)   # (B, T)

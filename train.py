@@ -323,8 +323,8 @@ def make_harness(model, processor, data, cfg: RunConfig, log, rules=METRIC, worl
     (CLIP's text tower when --text-encoder is given, loaded on first use; else the base's own word embeddings).
     rules: {dataset: metric} (data.rules of the release)."""
     def make_batch(examples):
-        batch = collate(processor, images_of(examples, processor), [e.question for e in examples], [e.answer for e in examples],
-                        system=cfg.system)
+        batch = collate(processor, images_of(examples, processor), [e.question for e in examples],
+                        [e.answer for e in examples], system=cfg.system, later=[e.later for e in examples])
         return to_device(batch, model.device, model.dtype)
 
     answer = answerer(model, processor, cfg)

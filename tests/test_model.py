@@ -74,6 +74,23 @@ def test_collate_labels_exactly_the_answer_tokens_and_eos(tiny):
         assert int(on[-1]) + 1 == int(b["attention_mask"][i].sum())                 # eos is the last real token
 
 
+def test_collate_labels_every_answer_of_a_multi_turn_record_in_vicuna_form(tiny):
+    _, processor = tiny
+    tok = processor.tokenizer
+    later = [(("what is the genre of this book ?", "romance"),), ()]
+    b = collate(processor, images(2), QUESTIONS, ANSWERS, system=SYSTEM, later=later)
+    one = collate(processor, images(2), QUESTIONS, ANSWERS, system=SYSTEM)
+    n = int(one["attention_mask"][0].sum())                              # the first turn is as before, then
+    assert torch.equal(b["input_ids"][0, :n], one["input_ids"][0, :n])   # "USER: q2 ASSISTANT: a2</s>"
+    user = tok("USER: what is the genre of this book ? ASSISTANT:", add_special_tokens=False)["input_ids"]
+    reply = tok(" romance", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert b["input_ids"][0, n:n + len(user) + len(reply)].tolist() == user + reply
+    first = tok(" " + ANSWERS[0], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert b["labels"][0][b["labels"][0] != -100].tolist() == first + reply   # both answers, no question
+    assert torch.equal(b["labels"][1, :int(one["attention_mask"][1].sum())],
+                       one["labels"][1, :int(one["attention_mask"][1].sum())])   # a one-turn row is unchanged
+
+
 def test_collate_right_pads_for_training(tiny):
     _, processor = tiny
     b = collate(processor, images(2), QUESTIONS, ANSWERS, system=SYSTEM)

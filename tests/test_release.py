@@ -81,6 +81,21 @@ def test_grounding_answer_bbox_becomes_the_answer(release):
 def test_conversation_record_test_files_parse_first_turns(release):
     ex = data.load_dataset(str(release), "IconQA", "test")
     assert ex[1].question == "<image>\nIconQA test question 1" and ex[1].answer == "IconQA test answer 1"
+    assert ex[1].later == (("and then ?", "a later turn"),)            # kept: a training record trains on it
+
+
+def test_a_multi_turn_training_record_keeps_every_turn_and_an_unanswered_turn_is_refused(fresh):
+    path = fresh / "partitioned_data/Task-related/seq/1.0/Task2/client_0.json"
+    records = json.loads(path.read_text())
+    records[0]["conversations"] += [{"from": "human", "value": "and the year ?"}, {"from": "gpt", "value": "2020"}]
+    path.write_text(json.dumps(records))
+    got, parts = load(fresh, "task-hom")
+    first = got["ArxivQA"].train[parts["ArxivQA"][0][0]]
+    assert first.later == (("and the year ?", "2020"),) and first.answer == records[0]["conversations"][1]["value"]
+    records[0]["conversations"].append({"from": "human", "value": "and the month ?"})
+    path.write_text(json.dumps(records))
+    with pytest.raises(ValueError, match=re.escape(str(path)) + r": record 0 has 3 human and 2 gpt turns"):
+        load(fresh, "task-hom")
 
 
 def test_limits_take_the_first_records_of_each_file(release):
