@@ -120,12 +120,21 @@ def cosine_lr(step, total, warmup):
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+# the projector (vision features -> the language model's inputs) by its name in each family: LLaVA's
+# multi_modal_projector, Qwen2.5-VL's visual merger
+PROJECTORS = ("multi_modal_projector", "visual.merger")
+
+
+def is_projector(name):
+    return any(p in name for p in PROJECTORS)
+
+
 def param_groups(model, cfg: FedConfig):
     """AdamW groups: the projector at projector_lr, everything else that trains (LoRA, a router) at lr. The
     projector is shared by every task (no subspaces), so a slow one keeps old tasks' inputs where they were."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    projector = [p for n, p in trainable if "multi_modal_projector" in n]
-    rest = [p for n, p in trainable if "multi_modal_projector" not in n]
+    projector = [p for n, p in trainable if is_projector(n)]
+    rest = [p for n, p in trainable if not is_projector(n)]
     return [g for g in ({"params": rest, "peak_lr": cfg.lr}, {"params": projector, "peak_lr": cfg.projector_lr})
             if g["params"]]
 

@@ -43,9 +43,9 @@ from data import (METRIC, check_images, get_setting, load_release, partition_lis
                   release_setting, rules, save_partition)
 from embedded import benchmark, pretraining
 from embedded.base import BaseConfig, pretrain_base, shipped, weights_sha256
-from federated import (Disco, Diverged, FedConfig, Finetune, Harness, Progress, Solo, local_train, run_continual,
-                       strip_prefix)
-from lora import LoRAConfig, add_lora, gated
+from federated import (Disco, Diverged, FedConfig, Finetune, Harness, Progress, Solo, is_projector, local_train,
+                       run_continual, strip_prefix)
+from lora import LoRAConfig, add_lora, gated, split_factor
 from model import (VICUNA_SYSTEM, clip_text_features, collate, expand_to_square, generate, image_features,
                    instruction_features, load_llava, load_text_encoder, require_folder, to_device)
 from parallel.world import join
@@ -269,20 +269,39 @@ def lora_layout(cfg: RunConfig):
                                                  num_stages=get_setting(cfg.setting).num_stages)
 
 
-def build_model(base, cfg: RunConfig):
+def adapt(model, cfg: RunConfig, log=lambda *a: None):
+    """The one place that decides what trains and travels: the method's LoRA layout on the FFN projections of the
+    language model only (`get_decoder()`: a vision tower's own gate/up/down_proj, as Qwen2.5-VL's, stays frozen),
+    and the projector (federated.PROJECTORS) when cfg.fed.train_projector; every other weight frozen.
+    Returns {part: trainable parameter count}."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    K, R = lora_layout(cfg)
+    names = add_lora(model.get_decoder(), LoRAConfig(num_subspaces=K, rank=R, alpha=cfg.alpha,
+                                                     dropout=cfg.lora_dropout),
+                     generator=torch.Generator().manual_seed(cfg.seed), layer=STRATEGIES[cfg.method][0].layer)
+    for n, p in model.named_parameters():
+        if cfg.fed.train_projector and is_projector(n):
+            p.requires_grad_(True)
+    counts = {"lora": sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and split_factor(n)),
+              "projector": sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and is_projector(n))}
+    counts["other trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad) - sum(counts.values())
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    log(f"trainable: LoRA {counts['lora']:,} ({K} x rank {R} on {len(names)} FFN projections of the language "
+        f"model), projector {counts['projector']:,}" + (f", other {counts['other trainable']:,}"
+                                                         if counts["other trainable"] else "") + f"; frozen {frozen:,}")
+    return counts
+
+
+def build_model(base, cfg: RunConfig, log=lambda *a: None):
     """The base with every weight frozen, the method's LoRA layout on the FFN, the projector trainable."""
     # bf16 weights on a GPU (paper); the LoRA factors stay float32 whatever the base is (lora.py)
     dtype = torch.bfloat16 if cfg.device == "cuda" else torch.float32
     model, processor = load_llava(base, dtype=dtype, device=cfg.device)
     for p in model.parameters():
         p.requires_grad_(False)
-    K, R = lora_layout(cfg)
-    add_lora(model, LoRAConfig(num_subspaces=K, rank=R, alpha=cfg.alpha, dropout=cfg.lora_dropout),
-             generator=torch.Generator().manual_seed(cfg.seed), layer=STRATEGIES[cfg.method][0].layer)
+    adapt(model, cfg, log)
     model.to(cfg.device)
-    if cfg.fed.train_projector:
-        for p in model.model.multi_modal_projector.parameters():
-            p.requires_grad_(True)
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model.eval(), processor
@@ -424,7 +443,7 @@ def main(argv=None, log=print):
         os.makedirs(out, exist_ok=True)
         write_json(os.path.join(out, "config.json"), cfg_json)
         save_partition(os.path.join(out, "partition.json"), parts)
-    model, processor = build_model(base, cfg)
+    model, processor = build_model(base, cfg, log)
     harness = make_harness(model, processor, data, cfg, log, rules=scoring, world=world)
     inputs = {"base": base, "base_sha256": weights_sha256(base), "rules": scoring}
     strategy = make_strategy(cfg, model, harness, log, detail=log if args.verbose else None)

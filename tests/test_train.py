@@ -18,6 +18,7 @@ import train
 from baselines.server import ServerConfig
 from embedded.base import BaseConfig
 from federated import FedConfig
+from lora import LoRALinear
 from storage.checkpoint import CHECKPOINT
 
 SETTINGS = ["task-hom", "task-het", "cap-hom", "cap-het"]
@@ -137,6 +138,8 @@ ROUND = re.compile(r"stage (\d+)/(\d+) round (\d+)/(\d+) \| loss \d+\.\d{3}( \| 
                    r"\d+ opened \(\d+ open\))? \| \S+ elapsed, ETA \S+( \+ evaluation)?")
 EVALUATED = re.compile(r"  evaluated (\d+)/(\d+) \S+: \d+\.\d \(\d+ questions, \d+\.\ds\)")
 AFTER_STAGE = re.compile(r"after stage (\d+): .* \| mean \d+\.\d")
+START = re.compile(r"trainable: LoRA [\d,]+ \(\d+ x rank \d+ on \d+ FFN projections of the language model\), "
+                   r"projector [\d,]+(, other [\d,]+)?; frozen [\d,]+")
 SUMMARY = re.compile(r"accuracy matrix \(rows.*|stage( +\S+)+|\s+\d+( +(\d+\.\d|-))+|Last \d+\.\d\d  Avg .*|wrote .*")
 ONCE = re.compile(r"generating the embedded benchmark into .*|pretraining the tiny base model into .*|"
                   r"pretrain step \d+/\d+ .*")          # the session's first run makes the cache
@@ -147,7 +150,7 @@ SVD = re.compile(r"  svd aggregation dropped .*")
 
 def kinds(lines):
     """Each line's kind; 'other' for a line no pattern knows."""
-    named = (("round", ROUND), ("evaluated", EVALUATED), ("after", AFTER_STAGE), ("summary", SUMMARY),
+    named = (("start", START), ("round", ROUND), ("evaluated", EVALUATED), ("after", AFTER_STAGE), ("summary", SUMMARY),
              ("once", ONCE), ("client", CLIENT), ("dko", DKO), ("svd", SVD))
     return [next((k for k, p in named if p.fullmatch(line)), "other") for line in lines]
 
@@ -158,6 +161,7 @@ def test_default_output_is_one_line_per_round_then_the_evaluation(tiny_run):
     k = kinds(run.lines)
     assert "other" not in k, [line for line, kind in zip(run.lines, k) if kind == "other"]
     assert not {"client", "dko", "svd"} & set(k)                   # no per-client detail without --verbose
+    assert k.count("start") == 1 and k.index("start") < k.index("round")   # what trains, once, before training
     rounds = [ROUND.fullmatch(line).groups()[:4] for line in run.lines if ROUND.fullmatch(line)]
     R = PRESET["fed"]["rounds"]
     assert rounds == [(str(t + 1), "4", str(r + 1), str(R)) for t in range(4) for r in range(R)]
@@ -272,3 +276,28 @@ def test_a_checkpoint_of_another_config_is_refused(tiny_run, copy_run):
     out = copy_run(run)
     with pytest.raises(ValueError, match=re.escape(str(out / CHECKPOINT)) + r": a checkpoint of another run \(.*seed: 0 -> 1"):
         train.main([*run.argv, "--seed", "1", "--out", str(out)], log=lambda *a: None)
+
+
+def test_lora_goes_on_the_language_models_ffn_only_and_the_projector_trains_in_every_family():
+    # a tiny random Qwen2.5-VL: its vision blocks have gate_proj / up_proj / down_proj too, which must stay frozen
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    qwen = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300, bos_token_id=1, eos_token_id=2,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           fullatt_block_indexes=[1]), image_token_id=290, video_token_id=291,
+        vision_start_token_id=292))
+    cfg = train.resolve(train.parse_args(["--preset", "tiny", "--method", "disco"]))
+    counts = train.adapt(qwen, cfg)
+    wrapped = [n for n, m in qwen.named_modules() if isinstance(m, LoRALinear)]
+    assert wrapped == [f"model.language_model.layers.{i}.mlp.{p}" for i in range(2)
+                       for p in ("gate_proj", "up_proj", "down_proj")]
+    assert not any(isinstance(m, LoRALinear) for m in qwen.model.visual.blocks.modules())
+    trainable = {n for n, p in qwen.named_parameters() if p.requires_grad}
+    assert {n for n in trainable if not n.endswith((".A", ".B"))} == \
+           {n for n, _ in qwen.model.visual.merger.named_parameters(prefix="model.visual.merger")}
+    assert counts["projector"] == sum(p.numel() for p in qwen.model.visual.merger.parameters())
+    K, R = train.lora_layout(cfg)
+    assert counts["lora"] == sum(K * R * (m.in_features + m.out_features) for n, m in qwen.named_modules()
+                                 if n in {w + ".base" for w in wrapped})
