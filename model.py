@@ -1,7 +1,8 @@
-"""The model: a LLaVA (vision tower + projector + language model) as transformers builds it, tiny or real.
+"""The model: a LLaVA-style model (vision tower + projector + language model) as transformers builds it, tiny or real.
 
-One API for both: `load_llava(dir)` reads a folder that `save_pretrained` wrote, the embedded benchmark's tiny
-base (embedded/base.py) or a real `llava-hf/llava-1.5-7b-hf`. Prompts follow vicuna_v1 (notes 1.5):
+One API for all: `load_model(dir)` reads a folder that `save_pretrained` wrote: the embedded benchmark's tiny base
+(embedded/base.py) or a real `llava-hf/llava-1.5-7b-hf` (`load_llava`), or a Qwen2.5-VL checkpoint (`load_chat`).
+LLaVA-1.5's prompts follow vicuna_v1 (notes 1.5), the other families' their own chat template (`ChatProcessor`):
     "{system} USER: <image>\\n{question} ASSISTANT: {answer}</s>"      loss on the answer tokens only.
 Batches (`collate`), the loss, greedy generation, and DISCO's frozen encoders of identity tokens live here too: the
 tiny base's own word embeddings (instruction_features), CLIP's pooled text output for the real benchmark
@@ -17,7 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors import SafetensorError, safe_open
-from transformers import AutoProcessor, AutoTokenizer, CLIPTextModel, LlavaForConditionalGeneration
+from transformers import (AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer,
+                          CLIPTextModel, LlavaForConditionalGeneration)
 
 # B batch, T tokens, D width, P image tokens
 
@@ -98,6 +100,64 @@ def load_llava(path, *, dtype=torch.float32, device="cpu"):
     return model, processor
 
 
+class ChatProcessor:
+    """A family's processor from its parts, for the families prompted through their own chat template: the
+    tokenizer, the image processor and the template (the checkpoint's chat_template.jinja / .json, else the
+    tokenizer's). Built by hand because the family's AutoProcessor needs torchvision for its video part, which this
+    project's CPU torch cannot load beside it (issue 14). What the family's processor does for images, here:
+    Qwen2.5-VL's pixel_values are flattened patches with image_grid_thw (t, h, w), and its one image placeholder of
+    the template becomes t*h*w / merge^2 placeholder tokens, one per merged patch."""
+    chat = True
+
+    def __init__(self, tokenizer, image_processor, template, *, image_token):
+        self.tokenizer, self.image_processor, self.template = tokenizer, image_processor, template
+        self.image_token = image_token
+
+    def prompts(self, questions):
+        """The template's user turn (the image, then the question without the release's "<image>\\n") and the
+        assistant's opening: the answer follows directly, then the template's end of turn (the tokenizer's eos)."""
+        return [self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q.replace("<image>", "").strip()}]}],
+            chat_template=self.template, add_generation_prompt=True, tokenize=False) for q in questions]
+
+    def __call__(self, *, text, images):
+        enc = self.image_processor(images, return_tensors="pt")          # pixel_values (sum patches, D), grid (B, 3)
+        n = enc["image_grid_thw"].prod(-1) // self.image_processor.merge_size ** 2
+        text = [t.replace(self.image_token, self.image_token * int(k), 1) for t, k in zip(text, n)]
+        return {"input_ids": self.tokenizer(text, add_special_tokens=False)["input_ids"], **enc}
+
+
+CHAT_FAMILIES = {"qwen2_5_vl": "<|image_pad|>"}                  # model_type -> its image placeholder token
+
+
+def load_model(path, *, dtype=torch.float32, device="cpu"):
+    """(model, processor) of any supported family, by the folder's config.json model_type."""
+    require_folder(path, "model checkpoint", processor=True)
+    kind = AutoConfig.from_pretrained(path, local_files_only=True).model_type
+    if kind == "llava":
+        return load_llava(path, dtype=dtype, device=device)
+    if kind in CHAT_FAMILIES:
+        return load_chat(path, kind, dtype=dtype, device=device)
+    raise ValueError(f"{path}: a {kind!r} checkpoint; supported families: llava, {', '.join(CHAT_FAMILIES)}")
+
+
+def load_chat(path, kind, *, dtype=torch.float32, device="cpu"):
+    """A chat-template family through transformers' auto classes, its processor built from its parts."""
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=True).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    images = AutoImageProcessor.from_pretrained(path, local_files_only=True)   # the PIL backend without torchvision
+    template = tokenizer.chat_template
+    for name in ("chat_template.jinja", "chat_template.json"):
+        if os.path.isfile(os.path.join(path, name)):
+            with open(os.path.join(path, name)) as f:
+                template = f.read() if name.endswith(".jinja") else json.load(f)["chat_template"]
+            break
+    if not template:
+        raise FileNotFoundError(f"{path}: no chat template (chat_template.jinja, chat_template.json or the "
+                                f"tokenizer's); a {kind} checkpoint ships one")
+    return model, ChatProcessor(tokenizer, images, template, image_token=CHAT_FAMILIES[kind])
+
+
 def load_text_encoder(path, *, device="cpu"):
     """(CLIPTextModel, tokenizer) from a local folder, e.g. openai/clip-vit-large-patch14-336: DISCO's frozen text
     encoder on the real benchmark (the official code's CLIPTextTower)."""
@@ -128,13 +188,17 @@ def collate(processor, images, questions, answers=None, *, system, later=None):
     later[i]: example i's turns after the first, ((question, answer), ...), appended in vicuna_v1's multi-turn
     form "... ASSISTANT: a1</s>USER: q2 ASSISTANT: a2</s>" with every answer labelled, as the official trainer.
     Without answers: left-padded prompts for generation."""
-    tok = processor.tokenizer
-    enc = processor(text=[prompt(q, system) for q in questions], images=images)
+    tok, chat = processor.tokenizer, getattr(processor, "chat", False)
+    texts = processor.prompts(questions) if chat else [prompt(q, system) for q in questions]
+    enc = processor(text=texts, images=images)
     prompts = enc["input_ids"]                                             # list of lists (prompt only)
+    if chat and any(later or []):
+        raise ValueError("multi-turn records are trained in LLaVA-1.5's vicuna_v1 form only; with a chat-template "
+                         "family, give one human and one gpt turn per training record")
     if answers is None:
         seqs, labels = prompts, [[-100] * len(p) for p in prompts]
     else:
-        ans = tok([" " + a for a in answers], add_special_tokens=False)["input_ids"]
+        ans = tok([a if chat else " " + a for a in answers], add_special_tokens=False)["input_ids"]
         seqs = [p + a + [tok.eos_token_id] for p, a in zip(prompts, ans)]
         labels = [[-100] * len(p) + a + [tok.eos_token_id] for p, a in zip(prompts, ans)]
         for i, turns in enumerate(later or []):
@@ -151,8 +215,9 @@ def collate(processor, images, questions, answers=None, *, system, later=None):
     for i, (s, l) in enumerate(zip(seqs, labels)):
         sl = slice(T - len(s), T) if left else slice(0, len(s))
         ids[i, sl], lab[i, sl], mask[i, sl] = torch.tensor(s), torch.tensor(l), 1
-    pixels = torch.as_tensor(np.asarray(enc["pixel_values"]))              # (B, 3, H, W)
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "labels": lab}
+    # LLaVA: (B, 3, H, W); Qwen2.5-VL: (sum patches, D) with image_grid_thw (B, 3), passed on as the family gives it
+    extra = {k: torch.as_tensor(np.asarray(v)) for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+    return {"input_ids": ids, "attention_mask": mask, **extra, "labels": lab}
 
 
 def to_device(batch, device, dtype=None):
@@ -215,6 +280,9 @@ def clip_text_features(encoder, tokenizer, questions, *, batch_size=256):
 def image_features(model, processor, images, *, batch_size=256):
     """A frozen image feature per image: the vision tower's patch features averaged (for the paper's ablation of
     image identity tokens; the vision tower is never trained, so this encoder is frozen too)."""
+    if not hasattr(model.model, "vision_tower"):
+        raise ValueError(f"--identity image (the image-token ablation) is built for LLaVA's vision tower; "
+                         f"{type(model).__name__} has none")
     feats = []
     for i in range(0, len(images), batch_size):
         pixels = processor.image_processor(images[i:i + batch_size], return_tensors="pt")["pixel_values"]

@@ -47,7 +47,7 @@ from federated import (Disco, Diverged, FedConfig, Finetune, Harness, Progress, 
                        run_continual, strip_prefix)
 from lora import LoRAConfig, add_lora, gated, split_factor
 from model import (VICUNA_SYSTEM, clip_text_features, collate, expand_to_square, generate, image_features,
-                   instruction_features, load_llava, load_text_encoder, require_folder, to_device)
+                   instruction_features, load_model, load_text_encoder, require_folder, to_device)
 from parallel.world import join
 from storage.checkpoint import CHECKPOINT, Checkpoint, atomic, fingerprint, read_checkpoint, where, write_json
 
@@ -76,7 +76,7 @@ class RunConfig:
     mtl_epochs: int = 1
     system: str = BaseConfig.system  # the vicuna_v1 system line the base was trained with (VICUNA_SYSTEM for LLaVA)
     data: str | None = None         # --data: the official FCIT release folder (default: the embedded benchmark)
-    model: str | None = None        # --model: a LLaVA checkpoint folder, llava-hf layout (default: the tiny base)
+    model: str | None = None        # --model: a checkpoint folder, llava or qwen2_5_vl (default: the tiny base)
     text_encoder: str | None = None # --text-encoder: a CLIP text encoder folder for DISCO's identity tokens
     train_limit: int | None = None  # first N training records per dataset (a smoke test of the real data)
     test_limit: int | None = None   # first N test records per dataset
@@ -147,7 +147,8 @@ def parse_args(argv=None):
     ap.add_argument("--server-lr", type=float, help="server learning rate eta (default 1 for fedavgm, 1e-2 adaptive)")
     ap.add_argument("--mu", type=float, help=f"FedProx proximal weight (default {S.mu})")
     ap.add_argument("--data", help="the official FCIT release folder (instructions/, datasets/, partitioned_data/)")
-    ap.add_argument("--model", help="a LLaVA checkpoint folder in the llava-hf layout, e.g. llava-1.5-7b-hf")
+    ap.add_argument("--model", help="a checkpoint folder as save_pretrained writes it: llava (e.g. "
+                    "llava-1.5-7b-hf) or qwen2_5_vl (e.g. Qwen2.5-VL-3B-Instruct)")
     ap.add_argument("--text-encoder", help="a CLIP text encoder folder (clip-vit-large-patch14-336) for DISCO")
     ap.add_argument("--train-limit", type=int, help="first N training records per dataset")
     ap.add_argument("--test-limit", type=int, help="first N test records per dataset")
@@ -238,7 +239,7 @@ def validate(cfg: RunConfig):
     # the folders' files, not their weights: a missing tokenizer of --text-encoder (loaded at the first DKO
     # routing) would otherwise stop the run after its first round
     if cfg.model:
-        require_folder(cfg.model, "LLaVA checkpoint", processor=True)
+        require_folder(cfg.model, "model checkpoint", processor=True)
     if cfg.text_encoder:
         require_folder(cfg.text_encoder, "CLIP text encoder")
 
@@ -297,7 +298,7 @@ def build_model(base, cfg: RunConfig, log=lambda *a: None):
     """The base with every weight frozen, the method's LoRA layout on the FFN, the projector trainable."""
     # bf16 weights on a GPU (paper); the LoRA factors stay float32 whatever the base is (lora.py)
     dtype = torch.bfloat16 if cfg.device == "cuda" else torch.float32
-    model, processor = load_llava(base, dtype=dtype, device=cfg.device)
+    model, processor = load_model(base, dtype=dtype, device=cfg.device)
     for p in model.parameters():
         p.requires_grad_(False)
     adapt(model, cfg, log)
