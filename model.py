@@ -103,15 +103,16 @@ def load_llava(path, *, dtype=torch.float32, device="cpu"):
 class ChatProcessor:
     """A family's processor from its parts, for the families prompted through their own chat template: the
     tokenizer, the image processor and the template (the checkpoint's chat_template.jinja / .json, else the
-    tokenizer's). Built by hand because the family's AutoProcessor needs torchvision for its video part, which this
-    project's CPU torch cannot load beside it (issue 14). What the family's processor does for images, here:
-    Qwen2.5-VL's pixel_values are flattened patches with image_grid_thw (t, h, w), and its one image placeholder of
-    the template becomes t*h*w / merge^2 placeholder tokens, one per merged patch."""
+    tokenizer's). Built by hand because these families' AutoProcessor needs torchvision for its video part, which
+    this project's CPU torch cannot load beside it (issue 14). What each family's processor does for an image, in
+    one place (`__call__`): Qwen2.5-VL's pixel_values are flattened patches with image_grid_thw (t, h, w), its one
+    image placeholder becoming t*h*w / merge^2 tokens, one per merged patch; InternVL tiles an image into
+    num_patches tiles (and a thumbnail) of `tokens_per_tile` tokens each, between <img> and </img>."""
     chat = True
 
-    def __init__(self, tokenizer, image_processor, template, *, image_token):
+    def __init__(self, tokenizer, image_processor, template, *, kind, tokens_per_tile=None):
         self.tokenizer, self.image_processor, self.template = tokenizer, image_processor, template
-        self.image_token = image_token
+        self.kind, self.tokens_per_tile = kind, tokens_per_tile
 
     def prompts(self, questions):
         """The template's user turn (the image, then the question without the release's "<image>\\n") and the
@@ -121,13 +122,19 @@ class ChatProcessor:
             chat_template=self.template, add_generation_prompt=True, tokenize=False) for q in questions]
 
     def __call__(self, *, text, images):
-        enc = self.image_processor(images, return_tensors="pt")          # pixel_values (sum patches, D), grid (B, 3)
-        n = enc["image_grid_thw"].prod(-1) // self.image_processor.merge_size ** 2
-        text = [t.replace(self.image_token, self.image_token * int(k), 1) for t, k in zip(text, n)]
+        placeholder = CHAT_FAMILIES[self.kind]
+        if self.kind == "qwen2_5_vl":
+            enc = dict(self.image_processor(images, return_tensors="pt"))    # (sum patches, D), grid (B, 3)
+            n = enc["image_grid_thw"].prod(-1) // self.image_processor.merge_size ** 2
+            tokens = [placeholder * int(k) for k in n]
+        else:                                                             # internvl: (sum tiles, 3, H, W)
+            enc = dict(self.image_processor(images, return_tensors="pt", crop_to_patches=True))
+            tokens = [f"<img>{placeholder * (self.tokens_per_tile * int(k))}</img>" for k in enc.pop("num_patches")]
+        text = [t.replace(placeholder, k, 1) for t, k in zip(text, tokens)]
         return {"input_ids": self.tokenizer(text, add_special_tokens=False)["input_ids"], **enc}
 
 
-CHAT_FAMILIES = {"qwen2_5_vl": "<|image_pad|>"}                  # model_type -> its image placeholder token
+CHAT_FAMILIES = {"qwen2_5_vl": "<|image_pad|>", "internvl": "<IMG_CONTEXT>"}   # model_type -> its image placeholder
 
 
 def load_model(path, *, dtype=torch.float32, device="cpu"):
@@ -155,7 +162,11 @@ def load_chat(path, kind, *, dtype=torch.float32, device="cpu"):
     if not template:
         raise FileNotFoundError(f"{path}: no chat template (chat_template.jinja, chat_template.json or the "
                                 f"tokenizer's); a {kind} checkpoint ships one")
-    return model, ChatProcessor(tokenizer, images, template, image_token=CHAT_FAMILIES[kind])
+    config, tiles = model.config, None
+    if kind == "internvl":                    # tokens a tile: (image / patch)^2 patches, shrunk by the pixel shuffle
+        tiles = int((config.vision_config.image_size[0] // config.vision_config.patch_size[0]) ** 2
+                    * config.downsample_ratio ** 2)
+    return model, ChatProcessor(tokenizer, images, template, kind=kind, tokens_per_tile=tiles)
 
 
 def load_text_encoder(path, *, device="cpu"):
@@ -280,7 +291,7 @@ def clip_text_features(encoder, tokenizer, questions, *, batch_size=256):
 def image_features(model, processor, images, *, batch_size=256):
     """A frozen image feature per image: the vision tower's patch features averaged (for the paper's ablation of
     image identity tokens; the vision tower is never trained, so this encoder is frozen too)."""
-    if not hasattr(model.model, "vision_tower"):
+    if model.config.model_type != "llava":
         raise ValueError(f"--identity image (the image-token ablation) is built for LLaVA's vision tower; "
                          f"{type(model).__name__} has none")
     feats = []

@@ -76,7 +76,7 @@ class RunConfig:
     mtl_epochs: int = 1
     system: str = BaseConfig.system  # the vicuna_v1 system line the base was trained with (VICUNA_SYSTEM for LLaVA)
     data: str | None = None         # --data: the official FCIT release folder (default: the embedded benchmark)
-    model: str | None = None        # --model: a checkpoint folder, llava or qwen2_5_vl (default: the tiny base)
+    model: str | None = None        # --model: a llava, qwen2_5_vl or internvl folder (default: the tiny base)
     text_encoder: str | None = None # --text-encoder: a CLIP text encoder folder for DISCO's identity tokens
     train_limit: int | None = None  # first N training records per dataset (a smoke test of the real data)
     test_limit: int | None = None   # first N test records per dataset
@@ -148,7 +148,7 @@ def parse_args(argv=None):
     ap.add_argument("--mu", type=float, help=f"FedProx proximal weight (default {S.mu})")
     ap.add_argument("--data", help="the official FCIT release folder (instructions/, datasets/, partitioned_data/)")
     ap.add_argument("--model", help="a checkpoint folder as save_pretrained writes it: llava (e.g. "
-                    "llava-1.5-7b-hf) or qwen2_5_vl (e.g. Qwen2.5-VL-3B-Instruct)")
+                    "llava-1.5-7b-hf), qwen2_5_vl (Qwen2.5-VL-3B-Instruct) or internvl (InternVL3-2B-hf)")
     ap.add_argument("--text-encoder", help="a CLIP text encoder folder (clip-vit-large-patch14-336) for DISCO")
     ap.add_argument("--train-limit", type=int, help="first N training records per dataset")
     ap.add_argument("--test-limit", type=int, help="first N test records per dataset")
