@@ -113,6 +113,13 @@ class ChatProcessor:
     def __init__(self, tokenizer, image_processor, template, *, kind, tokens_per_tile=None):
         self.tokenizer, self.image_processor, self.template = tokenizer, image_processor, template
         self.kind, self.tokens_per_tile = kind, tokens_per_tile
+        # the token the template closes an assistant turn with (<|im_end|> for both), read from the template itself
+        # rather than trusted to the tokenizer's eos: it ends every answer's labels and every generation
+        mark = "answer-mark"
+        turn = tokenizer.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": mark}],
+                                             chat_template=template, tokenize=False)
+        after = tokenizer(turn[turn.index(mark) + len(mark):], add_special_tokens=False)["input_ids"]
+        self.end_of_turn = after[0] if after else tokenizer.eos_token_id
 
     def prompts(self, questions):
         """The template's user turn (the image, then the question without the release's "<image>\\n") and the
@@ -210,8 +217,9 @@ def collate(processor, images, questions, answers=None, *, system, later=None):
         seqs, labels = prompts, [[-100] * len(p) for p in prompts]
     else:
         ans = tok([a if chat else " " + a for a in answers], add_special_tokens=False)["input_ids"]
-        seqs = [p + a + [tok.eos_token_id] for p, a in zip(prompts, ans)]
-        labels = [[-100] * len(p) + a + [tok.eos_token_id] for p, a in zip(prompts, ans)]
+        eos = processor.end_of_turn if chat else tok.eos_token_id
+        seqs = [p + a + [eos] for p, a in zip(prompts, ans)]
+        labels = [[-100] * len(p) + a + [eos] for p, a in zip(prompts, ans)]
         for i, turns in enumerate(later or []):
             for q, a in turns:
                 user = tok(f"USER: {q} ASSISTANT:", add_special_tokens=False)["input_ids"]
@@ -249,8 +257,9 @@ def generate(model, processor, images, questions, *, system, max_new_tokens=16):
     batch = collate(processor, images, questions, system=system)
     batch.pop("labels")
     batch = to_device(batch, model.device, model.dtype)
+    eos = processor.end_of_turn if getattr(processor, "chat", False) else processor.tokenizer.eos_token_id
     out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=processor.tokenizer.pad_token_id, eos_token_id=processor.tokenizer.eos_token_id)
+                         pad_token_id=processor.tokenizer.pad_token_id, eos_token_id=eos)
     return processor.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
 
 

@@ -64,7 +64,7 @@ def family(request, tmp_path_factory):
     kind, folder = request.param, tmp_path_factory.mktemp(request.param)
     tok = build_tokenizer([WORDS + " " + " ".join(map(str, range(10)))])
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", *SPECIALS[kind]]})
-    tok.eos_token = "<|im_end|>"                                         # the end of an assistant turn
+    # the tokenizer's eos stays "</s>": the end of an assistant turn is read from the template (<|im_end|>)
     model, images = build(kind, tok)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -97,6 +97,7 @@ def test_the_labels_cover_the_answer_and_the_end_of_turn_only(family):
     assert ((b["input_ids"] == image).sum(1) == 4).all()                 # 4 image tokens an image
     for i, a in enumerate(["3", "a dot"]):
         target = tok(a, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
+        assert processor.end_of_turn == target[-1] != tok.eos_token_id
         on = (b["labels"][i] != -100).nonzero().flatten()
         assert b["labels"][i, on].tolist() == target == b["input_ids"][i, on].tolist()
         assert int(on[-1]) + 1 == int(b["attention_mask"][i].sum())      # the end of turn is the last real token
