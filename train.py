@@ -154,6 +154,9 @@ def parse_args(argv=None):
     ap.add_argument("--test-limit", type=int, help="first N test records per dataset")
     ap.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
     ap.add_argument("--verbose", action="store_true", help="print every client's routing and loss")
+    ap.add_argument("--threads", type=int, help="torch's intra-op threads (default: torch's own, OMP_NUM_THREADS or "
+                    "the cores). Float sums, and so the figures, depend on it; the checkpoint's fingerprint records "
+                    "it. On cores other processes share, 1 can be several times faster than 2")
     return ap.parse_args(argv)
 
 
@@ -411,6 +414,10 @@ def main(argv=None, log=print):
     hf_logging.disable_progress_bar()                                  # our progress lines, not loading bars
     args = parse_args(argv)
     cfg = resolve(args)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)                            # before the fingerprint, which records it
     world = join(cfg.device) or Solo()                                 # torchrun's processes, else this one alone
     if world.rank:
         log = lambda *a: None                                          # noqa: E731 (rank 0 alone logs and writes)

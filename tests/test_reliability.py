@@ -96,6 +96,17 @@ def test_the_checkpoint_is_one_file_holding_state_progress_and_fingerprint(full,
     assert not (out / "checkpoint.json").exists()
 
 
+def test_threads_sets_torchs_thread_count_and_the_fingerprint_records_it(tiny_cache, tmp_path):
+    before = torch.get_num_threads()
+    want = 2 if before == 1 else 1                                      # a count that differs from the current one
+    try:
+        run(tmp_path / "t", "--rounds", "1", "--threads", str(want))
+        assert torch.get_num_threads() == want
+        assert storage.checkpoint_meta(tmp_path / "t")["fingerprint"]["threads"] == want
+    finally:
+        torch.set_num_threads(before)                                   # the rest of the suite runs as it did
+
+
 def test_a_refused_resume_names_the_field_and_touches_nothing(full, tmp_path):
     out = tmp_path / "r"
     run(out)
