@@ -16,7 +16,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from federated import Disco, Finetune, aggregate
-from lora import LoRALinear, expand_gate
+from lora import LoRALinear, add_update, expand_gate
 
 # D_in / D_out widths, R rank per expert, E experts
 
@@ -44,9 +44,10 @@ class MoELoRALinear(LoRALinear):
         # the parent's math with a per-token gate: rows of A_e scaled by a_e(x)
         A_flat = self.A.reshape(E * R, -1)  # (E*R, D_in)
         B_flat = self.B.permute(1, 0, 2).reshape(self.B.shape[1], E * R)  # (D_out, E*R)
-        z = (self.dropout(x.float()) @ A_flat.T) * a.repeat_interleave(R, dim=-1)  # (..., E*R)
+        x_kept, keep = self.drop(x.float())
+        z = (x_kept @ A_flat.T) * a.repeat_interleave(R, dim=-1)  # (..., E*R)
         # h = W0 x + b + s * sum_e a_e(x) B_e A_e x
-        return self.base(x) + (self.scaling * (z @ B_flat.T)).to(x.dtype)  # (..., D_out)
+        return add_update(self.base(x), z, B_flat, self.scaling / keep)  # (..., D_out)
 
 
 class MoELoRA(Finetune):

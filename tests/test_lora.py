@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 
 from federated import client_state, load_client_state
-from lora import LoRAConfig, LoRALinear, add_lora, expand_gate, gated, lora_modules, merge_lora, split_factor
+from lora import (LoRAConfig, LoRALinear, add_lora, dropped, expand_gate, gated, lora_modules, merge_lora,
+                  split_factor)
 
 # B batch, T tokens, D_in / D_out widths, R rank, K subspaces
 B, T, D_IN, D_OUT, R, K = 3, 4, 6, 5, 2, 3
@@ -75,6 +76,83 @@ def test_one_hot_gate_only_touches_its_subspace():
     assert layer.A.grad[k].abs().sum() > 0 and layer.B.grad[k].abs().sum() > 0
     assert torch.all(layer.A.grad[others] == 0) and torch.all(layer.B.grad[others] == 0)
     assert all(p.grad is None and not p.requires_grad for p in layer.base.parameters())
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_one_hot_gate_is_bitwise_the_one_subspace_lora_and_zero_elsewhere(dropout):
+    """Under `gated` a one-hot gate computes subspace k alone: the output and the gradients of (A_k, B_k) equal,
+    bit for bit, those of a one-subspace LoRA holding (A_k, B_k) at the same scaling and dropout draws; every
+    other subspace gets a gradient of exactly zero, as under the full gate (so AdamW leaves it as it was)."""
+    layer, k = make_layer(dropout=dropout), 1
+    ref = LoRALinear(layer.base, num_subspaces=1, rank=R, alpha=1.0, dropout=dropout)
+    ref.scaling = layer.scaling
+    with torch.no_grad():
+        ref.A.copy_(layer.A[k:k + 1]), ref.B.copy_(layer.B[k:k + 1])
+    x = torch.randn(B, T, D_IN, requires_grad=True)
+    outs = []
+    for m, gate in ((layer, torch.nn.functional.one_hot(torch.tensor(k), K).float()), (ref, None)):
+        torch.manual_seed(7)                                          # the same dropout draws in both
+        with gated(m, gate):                                          # ref: no gate, the stacked path of K = 1
+            assert m.active == ((k, 1.0) if m is layer else None)
+            out = m.train()(x)
+        out.pow(2).sum().backward()
+        outs.append((out, x.grad.clone()))
+        x.grad = None
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert torch.equal(layer.A.grad[k], ref.A.grad[0]) and torch.equal(layer.B.grad[k], ref.B.grad[0])
+    others = [j for j in range(K) if j != k]
+    assert layer.A.grad[k].abs().sum() > 0 and torch.all(layer.A.grad[others] == 0)
+    assert torch.all(layer.B.grad[others] == 0)
+
+
+def test_one_hot_fast_path_agrees_with_the_stacked_computation():
+    """The one-subspace path and the stacked K * R path are the same function; their float sums differ in order
+    (a GEMM of R columns against one of K * R), so they agree to rounding, not bit for bit."""
+    layer, x = make_layer(), torch.randn(B, T, D_IN)
+    gate = torch.tensor([0.0, 0.7, 0.0])
+    with gated(layer, gate):
+        assert layer.active == (1, pytest.approx(0.7))
+        fast = layer(x)
+        layer.active = None                                           # the stacked path under the same gate
+        torch.testing.assert_close(fast, layer(x), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(fast, oracle(layer, x, gate), atol=1e-5, rtol=1e-5)
+    for gate in (torch.tensor([0.5, 0.5, 0.0]), torch.zeros(K), torch.rand(B, K), None):
+        with gated(layer, gate):
+            assert layer.active is None                               # several, none or per-row: the stacked path
+
+
+def test_lora_dropout_zeroes_each_input_independently_with_probability_p():
+    """lora.dropped draws the dropped positions as geometric gaps; their law must be nn.Dropout's: each of n
+    elements dropped independently with probability p (count, spread over the range, pairs of neighbours)."""
+    n, p = 400_000, 0.05
+    torch.manual_seed(0)
+    pos = dropped(n, p)
+    assert pos.dtype == torch.long and torch.all(pos[1:] > pos[:-1]) and 0 <= pos[0] and pos[-1] < n
+    sd = (n * p * (1 - p)) ** 0.5
+    assert abs(len(pos) - n * p) < 5 * sd
+    tenth = torch.bincount(pos * 10 // n, minlength=10)               # uniform over the range, the end included
+    assert torch.all((tenth - n * p / 10).abs() < 5 * sd / 10 ** 0.5)
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[pos] = True
+    pairs = int((mask[1:] & mask[:-1]).sum())                         # independence: P(both) = p^2
+    assert abs(pairs - (n - 1) * p * p) < 5 * ((n - 1) * p * p) ** 0.5
+    assert len(dropped(1, 0.5)) in (0, 1) and len(dropped(10, 0.999)) > 0
+
+
+def test_lora_dropout_keeps_the_mean_and_is_off_in_eval():
+    """Dropped inputs are zeroed and the kept ones count 1 / (1 - p) (folded into the scaling): the mean over
+    draws of the training output is the eval output; eval mode draws nothing."""
+    layer, x = make_layer(dropout=0.25), torch.randn(B, T, D_IN)
+    with torch.no_grad():
+        eval_out = layer.eval()(x)
+        state = torch.get_rng_state()
+        assert torch.equal(layer(x), eval_out) and torch.equal(torch.get_rng_state(), state)
+        layer.train()
+        mean = torch.stack([layer(x) for _ in range(4000)]).mean(0)
+    torch.testing.assert_close(mean, eval_out, atol=0.05, rtol=0.02)
+    assert not torch.equal(layer(x), layer(x))
+    with pytest.raises(ValueError, match="dropout must be in"):
+        make_layer(dropout=1.0)
 
 
 def test_per_row_gate_is_row_local():
