@@ -9,7 +9,8 @@ Four sections:
   2. continual metrics over a[t][j] = score on task j after stage t (the paper's experimental setup; notes 1.4):
      Last, Avg, forgetting, backward transfer.
   3. the evaluation after a stage: every test question of every seen task, each answered under the gate its own
-     question gets (DISCO's SSA, or none), scored with its dataset's rule (`evaluate_tasks`).
+     question gets (DISCO's SSA, or none), scored with its dataset's rule (`evaluate_tasks`), generating at most
+     the task's answer length (`answer_lengths`).
   4. heatmaps drawn with pillow: the stages x tasks accuracy matrix, the tasks x subspaces activation.
 
     task_score("exact", ["Cat "], ["cat"])                      # 100.0
@@ -275,6 +276,18 @@ def accuracy_matrix(acc: list[dict[str, float]], tasks: list[str]) -> np.ndarray
 
 
 @torch.no_grad()
+def answer_lengths(data, tokenizer, cap):
+    """{id(test example): max new tokens}: room for 1.5 times the longest training answer of its task, plus 4, and
+    at most `cap` (cfg.fed.max_new_tokens). Every answer the training data teaches fits; a row that rambles on a
+    one-word task stops after a few tokens instead of `cap` (on the real path: 5-10 instead of 128)."""
+    lengths = {}
+    for td in data.values():
+        answers = [e.answer for e in td.train]
+        longest = max(map(len, tokenizer(answers, add_special_tokens=False)["input_ids"])) if answers else cap
+        lengths.update({id(e): min(cap, math.ceil(1.5 * longest) + 4) for ex in td.test.values() for e in ex})
+    return lengths
+
+
 def evaluate_dataset(answer, gate_of, metric: str, examples, *, batch: int):
     """(score in percent with `metric`, the mean gate the questions put on each subspace or None, predictions)."""
     preds, gates = [], []

@@ -48,8 +48,9 @@ from federated import (Disco, Diverged, FedConfig, Finetune, Harness, Progress, 
 from lora import LoRAConfig, add_lora, gated, split_factor
 from model import (VICUNA_SYSTEM, clip_text_features, collate, expand_to_square, generate, image_features,
                    instruction_features, load_model, load_text_encoder, require_folder, to_device)
-from parallel.world import join
-from storage.checkpoint import CHECKPOINT, Checkpoint, atomic, fingerprint, read_checkpoint, where, write_json
+from parallel.world import MODES, join
+from storage.checkpoint import CHECKPOINT, Checkpoint, fingerprint, read_checkpoint, where, write_json
+from storage.results import write_results
 
 # --method -> (strategy class, its hyperparameter dataclass or None); zeroshot and mtl are Finetune's model
 STRATEGIES = {"disco": (Disco, fcit.DiscoConfig), "finetune": (Finetune, None), "mtl": (Finetune, None),
@@ -69,7 +70,8 @@ class RunConfig:
     rank: int = 64                  # total LoRA rank (paper: 64 task-related, 32 capability-related)
     subspace_rank: int = 8          # DISCO: rank of one subspace, so K_max = rank / subspace_rank; MoELoRA's experts
     alpha: float = 128.0            # s = alpha / rank = 2 (paper)
-    lora_dropout: float = 0.05
+    lora_dropout: float = 0.05      # on the LoRA branch's input (paper, official code)
+    parallel: str = "exact"         # under torchrun: exact (one client a process, bitwise one process) | balanced
     train_examples: int = 4000      # per dataset (embedded benchmark): ~80 per client, 10 local steps
     test_examples: int = 200
     pretrain_examples: int = BaseConfig.pretrain_examples
@@ -104,7 +106,8 @@ PRESETS = {
 }
 
 # flag -> field, by the config that owns it; a flag left out (None) keeps the preset's or the dataclass's value
-RUN_FLAGS = ("setting", "method", "beta", "seed", "device", "data", "model", "text_encoder", "train_limit", "test_limit")
+RUN_FLAGS = ("setting", "method", "beta", "seed", "device", "data", "model", "text_encoder", "train_limit", "test_limit",
+             "lora_dropout", "parallel")
 FED_FLAGS = {"rounds": "rounds", "clients": "num_clients", "clients_per_round": "clients_per_round", "lr": "lr",
              "local_epochs": "local_epochs", "batch_size": "batch_size", "micro_batch": "micro_batch",
              "aggregate": "aggregate"}
@@ -150,6 +153,10 @@ def parse_args(argv=None):
     ap.add_argument("--model", help="a checkpoint folder as save_pretrained writes it: llava (e.g. "
                     "llava-1.5-7b-hf), qwen2_5_vl (Qwen2.5-VL-3B-Instruct) or internvl (InternVL3-2B-hf)")
     ap.add_argument("--text-encoder", help="a CLIP text encoder folder (clip-vit-large-patch14-336) for DISCO")
+    ap.add_argument("--lora-dropout", type=float, help=f"dropout on the LoRA branch's input (default {R.lora_dropout})")
+    ap.add_argument("--parallel", choices=list(MODES), help=f"under torchrun: exact (a round's clients spread over the "
+                    f"processes; bitwise the one-process numbers) or balanced (every batch split over them: rounds no "
+                    f"longer wait for the largest client; equal within rounding) (default {R.parallel})")
     ap.add_argument("--train-limit", type=int, help="first N training records per dataset")
     ap.add_argument("--test-limit", type=int, help="first N test records per dataset")
     ap.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
@@ -230,6 +237,8 @@ def validate(cfg: RunConfig):
             raise ValueError(f"{flag} must be >= 1, got {x}")
     if f.micro_batch < 0:
         raise ValueError(f"--micro-batch must be >= 0 (0: the whole batch in one pass), got {f.micro_batch}")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise ValueError(f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}")
     if not 0 <= s.mu < math.inf:
         raise ValueError(f"--mu must be a finite number >= 0, got {s.mu}")
     if cfg.seed < 0:
@@ -316,12 +325,16 @@ def images_of(examples, processor):
     return [expand_to_square(read_image(e.image), processor) for e in examples]
 
 
-def answerer(model, processor, cfg: RunConfig):
-    """answer(examples, gate) -> greedy answers, with `gate` ((B, K) or None) bound on the LoRA layers."""
+def answerer(model, processor, cfg: RunConfig, lengths=None):
+    """answer(examples, gate) -> greedy answers, with `gate` ((B, K) or None) bound on the LoRA layers; each batch
+    generates at most its examples' metrics.answer_lengths (lengths: {id(example): n}), else cfg.fed.max_new_tokens."""
+    cap = cfg.fed.max_new_tokens
+
     def answer(examples, gate):
+        n = max(lengths.get(id(e), cap) for e in examples) if lengths else cap
         with gated(model, gate):
             return generate(model, processor, images_of(examples, processor), [e.question for e in examples],
-                            system=cfg.system, max_new_tokens=cfg.fed.max_new_tokens)
+                            system=cfg.system, max_new_tokens=n)
     return answer
 
 
@@ -350,7 +363,8 @@ def make_harness(model, processor, data, cfg: RunConfig, log, rules=METRIC, worl
                         [e.answer for e in examples], system=cfg.system, later=[e.later for e in examples])
         return to_device(batch, model.device, model.dtype)
 
-    answer = answerer(model, processor, cfg)
+    answer = answerer(model, processor, cfg,
+                      metrics.answer_lengths(data, processor.tokenizer, cfg.fed.max_new_tokens))
 
     def evaluate(tasks, strategy):
         B = cfg.fed.eval_batch                                         # the batches in evaluate_tasks' order
@@ -373,42 +387,6 @@ def make_strategy(cfg: RunConfig, model, harness, log, detail):
     return strategy if cfg.server.name == "fedavg" else ServerOptimizer(strategy, cfg.server)
 
 
-# ---------------------------------------------------------------------------- outputs
-def print_matrix(acc, tasks, log):
-    log("accuracy matrix (rows: after stage t; columns: tasks; '-' = not seen yet)")
-    log("stage " + " ".join(f"{t[:11]:>11}" for t in tasks))
-    for t, row in enumerate(acc):
-        log(f"{t + 1:5d} " + " ".join(f"{row[k]:11.1f}" if k in row else f"{'-':>11}" for k in tasks))
-
-
-def write_results(out, cfg, setting, history, report, wall, log, *, inputs, intact=""):
-    """results.json, accuracy.png and, for a gated method, activation.png, each written atomically. inputs: what the
-    numbers were measured on (the base's path and weights' sha256, the scoring rules)."""
-    summary = metrics.summarize(history["acc"])
-    res = {"setting": cfg.setting, "method": cfg.method, "beta": cfg.beta, "seed": cfg.seed, "tasks": setting.tasks,
-           "acc": history["acc"], "acc_datasets": history["acc_datasets"], **summary,
-           "subspaces": history.get("subspaces") or None, "wall_seconds": round(wall, 1),
-           "config": dataclasses.asdict(cfg), **inputs, **report}
-    written = ["results.json", "accuracy.png"]
-    if "gates" in report:                                              # a gated method: its gate per task and subspace
-        rows = [t for t in setting.tasks if t in report["gates"]]
-        atomic(os.path.join(out, "activation.png"), lambda tmp: metrics.draw_matrix(
-            tmp, np.array([report["gates"][t] for t in rows]), rows,
-            [f"subspace {k}" for k in range(len(report["gates"][rows[0]]))],
-            title=f"mean gate per task ({cfg.setting}, {cfg.disco.activation})", vmax=1.0, fmt="{:.2f}"), intact=intact)
-        written.append("activation.png")
-    write_json(os.path.join(out, "results.json"), res, intact=intact)
-    atomic(os.path.join(out, "accuracy.png"), lambda tmp: metrics.draw_matrix(
-        tmp, metrics.accuracy_matrix(history["acc"], setting.tasks), [f"stage {t + 1}" for t in range(len(history["acc"]))],
-        setting.tasks, title=f"{cfg.method} on {cfg.setting}, beta {cfg.beta}, seed {cfg.seed}"), intact=intact)
-    print_matrix(history["acc"], setting.tasks, log)
-    log(f"Last {summary['last']:.2f}  Avg {summary['avg']:.2f}  mean forgetting {summary['mean_forgetting']:.2f}"
-        + (f"  subspaces {history['subspaces']}" if history.get("subspaces") else ""))
-    written += ["config.json", "partition.json"] + ([CHECKPOINT] if cfg.method not in ("zeroshot", "mtl") else [])
-    log(f"wrote {out}/: {', '.join(written)} ({wall:.0f}s)")
-    return res
-
-
 # ---------------------------------------------------------------------------- main
 def main(argv=None, log=print):
     hf_logging.disable_progress_bar()                                  # our progress lines, not loading bars
@@ -418,7 +396,7 @@ def main(argv=None, log=print):
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)                            # before the fingerprint, which records it
-    world = join(cfg.device) or Solo()                                 # torchrun's processes, else this one alone
+    world = join(cfg.device, cfg.parallel) or Solo()                   # torchrun's processes, else this one alone
     if world.rank:
         log = lambda *a: None                                          # noqa: E731 (rank 0 alone logs and writes)
     out = args.out or os.path.join("runs", f"{cfg.setting}_{cfg.method}_b{cfg.beta:g}_s{cfg.seed}")

@@ -95,9 +95,66 @@ class World:
     def barrier(self):
         dist.barrier()
 
+    stream = ()                                                       # exact: a client's dropout draws as in Solo
 
-def join(device):
-    """The World of a process started by torchrun (WORLD_SIZE > 1 in its environment), with the process group
+    def share(self, chunk):
+        return chunk
+
+    def total(self, tokens):
+        return tokens
+
+    def reduce(self, params, loss):
+        return loss
+
+
+class Balanced(World):
+    """--parallel balanced: every process takes part in every client, data-parallel: a batch's examples are split
+    over the processes (`share`), their answer tokens and gradients summed with all_reduce (`total`, `reduce`),
+    and every process takes the same optimizer step, so all hold the same client state and no exchange is needed
+    after the client. A round then lasts sum_i n_i / G example-steps, not the largest rank's clients: the
+    Dirichlet stragglers no longer set it (python -m scripts.bench stragglers). The gradients are summed in
+    another order than one process sums them, and each process draws the dropout of its own examples, so the
+    numbers equal world size 1 within rounding, not bitwise (tests/test_parallel.py states the tolerance)."""
+
+    def __init__(self, rank, size):
+        super().__init__(rank, size)
+        self.stream = (rank,)
+        self.device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces CUDA tensors only
+
+    def mine(self, sizes):
+        return list(range(len(sizes)))
+
+    def gather(self, results, sizes, like):
+        return [results[i] for i in range(len(sizes))]
+
+    def share(self, chunk):
+        """A contiguous slice of the batch, sizes as equal as they can be (the first len % G get one more)."""
+        q, extra = divmod(len(chunk), self.size)
+        start = self.rank * q + min(self.rank, extra)
+        return chunk[start:start + q + (self.rank < extra)]
+
+    def total(self, tokens):
+        t = torch.tensor([float(tokens)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t)
+
+    def reduce(self, params, loss):
+        """Sum every parameter's gradient (zeros where this process computed none) and the loss over the
+        processes, in one flat float32 all_reduce; every process gets the same sum."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([loss], device=grads[0].device)])
+        dist.all_reduce(flat)
+        for p, g in zip(params, flat[:-1].split([p.numel() for p in params])):
+            p.grad = g.view(p.shape).to(p.dtype)
+        return float(flat[-1])
+
+
+MODES = ("exact", "balanced")
+
+
+def join(device, mode="exact"):
+    """The World (mode exact: one client a process, bitwise world size 1) or Balanced (every batch split over the
+    processes) of a process started by torchrun (WORLD_SIZE > 1 in its environment), with the process group
     initialized (NCCL on CUDA, gloo on CPU) and this process's GPU selected; None for a plain `python train.py`."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
@@ -111,4 +168,4 @@ def join(device):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
-    return World(dist.get_rank(), dist.get_world_size())
+    return (Balanced if mode == "balanced" else World)(dist.get_rank(), dist.get_world_size())

@@ -76,7 +76,8 @@ def gate_scores(run_dir, log=print):
         raise ValueError(f"{run_dir}: --gates needs a gated method's run (results.json has no routes)")
     root, _ = train.prepare(cfg, lambda *a: None)
     setting, data, _ = train.load_data(cfg, root)
-    scoring, answer = rules(root, metrics.RULES), train.answerer(model, processor, cfg)
+    lengths = metrics.answer_lengths(data, processor.tokenizer, cfg.fed.max_new_tokens)   # as the run evaluated
+    scoring, answer = rules(root, metrics.RULES), train.answerer(model, processor, cfg, lengths)
     out = {}
     for t, task in enumerate(setting.tasks):
         K, own = train.lora_layout(cfg)[0], res["routes"][task]

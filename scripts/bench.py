@@ -1,7 +1,7 @@
 """Measurements that back the claims of the README and RESULTS.md (printed figures, never timed tests).
 
-    python -m scripts.bench speed       # gated K-subspace LoRA vs plain LoRA of the same total rank; routing and
-                                        # aggregation time as a share of a round
+    python -m scripts.bench speed       # a local step against the machine's matmul rate, the phases of a round,
+                                        # gated vs plain and hand vs reference LoRA (OMP_NUM_THREADS sets threads)
     python -m scripts.bench similarity  # identity-token cosine structure on the embedded benchmark: same-dataset
                                         # clients vs different datasets, against the DKO threshold
     python -m scripts.bench gpu         # one client's local epoch + a gated evaluation batch on LLaVA-7B shapes
@@ -27,32 +27,135 @@ def timeit(fn, repeat=20):
 
 
 def speed(args):
+    """One run's local training, taken apart on this machine at torch's thread count: the machine's matmul rate at
+    the model's own GEMM shapes, a local step's achieved rate against it, ms per example, the share of each phase
+    of a round (batch building, forward, backward, optimizer, routing and aggregation), and two LoRA ratios:
+    gated K-subspace vs plain, and this hand LoRA vs the reference formulation (nn.Linear factors, nn.Dropout)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import train
+    from federated import batches, client_state, load_client_state, param_groups
+    cfg = train.resolve(train.parse_args(["--setting", "task-hom"]))
+    root, base = train.prepare(cfg, print)
+    setting, data, _ = train.load_data(cfg, root)
+    model, processor = train.build_model(base, cfg)
+    harness = train.make_harness(model, processor, data, cfg, log=None)
+    strategy = train.make_strategy(cfg, model, harness, log=lambda *a: None, detail=None)
+    K, R = train.lora_layout(cfg)
+    print(f"{torch.get_num_threads()} thread(s); the tiny LLaVA, {K} subspaces of rank {R}, batch {cfg.fed.batch_size}")
+    # the machine: fp32 GEMM at the shapes a step multiplies (N = B*T tokens x the FFN and attention widths)
+    N, D, F = cfg.fed.batch_size * 40, 128, 384
+    shapes = [(N, D, F), (N, F, D), (N, D, D), (F, N, D), (2048, 2048, 2048)]
+    rates = []
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        rates.append(2 * m * k * n / timeit(lambda: a @ b, repeat=50) / 1e9)
+    model_rate = float(np.mean(rates[:-1]))
+    print(f"matmul: {model_rate:.0f} GFLOP/s at the model's shapes, {rates[-1]:.0f} GFLOP/s at 2048^3")
+    # one round of 5 clients, every phase timed
+    jobs = [(c, t, e) for c, t, e in train_jobs(setting, data, cfg)]
+    gates = [strategy.train_gate(k) for k in strategy.assign(0, 0, jobs)]
+    phases = dict.fromkeys(["batch", "forward", "backward", "optimizer", "routing", "aggregation"], 0.0)
+    flops = steps = examples = 0                                         # flops: of one example's fwd + bwd
+    start = client_state(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    t = time.perf_counter()
+    strategy.cache = None
+    subspaces = strategy.assign(0, 0, jobs)
+    phases["routing"] += time.perf_counter() - t
+    states = []
+    for (_, _, ex), gate in zip(jobs, gates):
+        opt = torch.optim.AdamW(param_groups(model, cfg.fed), weight_decay=0.0, fused=True)
+        model.train()
+        with train.gated(model, gate):
+            for chunk in batches(ex, cfg.fed.batch_size, np.random.default_rng(0)):
+                t0 = time.perf_counter()
+                batch = harness.make_batch(chunk)
+                phases["batch"] += time.perf_counter() - t0
+                if not flops:                                          # counted once: the counter slows ops
+                    with FlopCounterMode(display=False) as counter:
+                        model(**batch).loss.backward()
+                    flops = counter.get_total_flops() / len(chunk)
+                    model.zero_grad(set_to_none=True)
+                t1 = time.perf_counter()
+                loss = model(**batch).loss
+                t2 = time.perf_counter()
+                loss.backward()
+                t3 = time.perf_counter()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                t4 = time.perf_counter()
+                for name, dt in zip(["forward", "backward", "optimizer"], [t2 - t1, t3 - t2, t4 - t3]):
+                    phases[name] += dt
+                steps, examples = steps + 1, examples + len(chunk)
+        model.eval()
+        states.append(client_state(model))
+        load_client_state(model, start)
+    t = time.perf_counter()
+    strategy.aggregate(start, states, [len(e) for _, _, e in jobs], subspaces)
+    phases["aggregation"] += time.perf_counter() - t
+    total = sum(phases.values())
+    step_s = (phases["forward"] + phases["backward"] + phases["optimizer"]) / steps
+    achieved = flops * examples / steps / step_s / 1e9
+    print(f"local step: {flops * examples / steps / 1e9:.2f} GFLOP in {1e3 * step_s:.1f} ms = {achieved:.0f} GFLOP/s, "
+          f"{100 * achieved / model_rate:.0f}% of the matmul rate; {1e3 * total / examples:.2f} ms per example")
+    print("round: " + ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in phases.items())
+          + f" ({steps} steps, {len(jobs)} clients, {total:.1f} s)")
+    lora_ratios(args)
+
+
+def train_jobs(setting, data, cfg):
+    """The default run's first round: 5 clients of the first stage's task, 80 examples each."""
+    task = setting.tasks[0]
+    return [(c, task, data[task].train[80 * c:80 * (c + 1)]) for c in range(cfg.fed.clients_per_round)]
+
+
+def lora_ratios(args):
+    """Forward + backward at one FFN projection of the tiny model (B 8, T 40, 128 -> 384, dropout 0.05): K = 8
+    subspaces of rank 8 under a one-hot training gate and a soft (B, K) evaluation gate, against a plain LoRA of
+    the same active rank; this hand LoRA against the reference formulation (loralib, PEFT: nn.Linear factors
+    after nn.Dropout), whose eval outputs it must equal."""
     torch.manual_seed(0)
     B, T, I, O, K, r = args.batch, args.tokens, args.width, args.ffn, args.subspaces, args.rank
-    base = torch.nn.Linear(I, O)
-    plain = LoRALinear(base, num_subspaces=1, rank=K * r, alpha=2.0 * K * r)
-    multi = LoRALinear(base, num_subspaces=K, rank=r, alpha=2.0 * K * r)
-    x = torch.randn(B, T, I)
-    gate = torch.softmax(torch.randn(B, K), -1)                           # (B, K): one gate row per sample
+    base = torch.nn.Linear(I, O).requires_grad_(False)
+    x = torch.randn(B, T, I, requires_grad=True)
+
+    def fwd_bwd(layer, gate=None):
+        with gated(layer, gate):
+            layer(x).sum().backward()
+    plain = LoRALinear(base, num_subspaces=1, rank=r, alpha=16.0, dropout=0.05).train()
+    multi = LoRALinear(base, num_subspaces=K, rank=r, alpha=16.0 * K, dropout=0.05).train()
+    wide = LoRALinear(base, num_subspaces=1, rank=K * r, alpha=16.0 * K, dropout=0.05).train()
+    one_hot = torch.nn.functional.one_hot(torch.tensor(3), K).float()
+    soft = torch.softmax(torch.randn(B, K), -1)
+    t_plain, t_hot = timeit(lambda: fwd_bwd(plain), 50), timeit(lambda: fwd_bwd(multi, one_hot), 50)
+    t_wide, t_soft = timeit(lambda: fwd_bwd(wide), 50), timeit(lambda: fwd_bwd(multi, soft), 50)
+    print(f"LoRA fwd+bwd, x {tuple(x.shape)} -> {O}: one-hot gate over {K} subspaces / plain rank {r}: "
+          f"{t_hot / t_plain:.2f}; soft gate / plain rank {K * r}: {t_soft / t_wide:.2f}")
+    ref = Reference(base, r, 16.0 / r, 0.05)
     with torch.no_grad():
-        t_plain, t_gated = timeit(lambda: plain(x)), timeit(lambda: multi_gated(multi, x, gate))
-    print(f"LoRA forward, x {tuple(x.shape)}, total rank {K * r}: plain {1e3 * t_plain:.2f} ms, "
-          f"{K} gated subspaces {1e3 * t_gated:.2f} ms, ratio {t_gated / t_plain:.2f}")
-    # server work of one DISCO round: routing 5 clients and aggregating one subspace of every FFN layer
-    D, C, L = 128, 5, 3 * args.layers
-    cache = fcit.TokenCache(torch.nn.functional.normalize(torch.randn(K, D), dim=-1), torch.full((K,), 100))
-    tokens = torch.nn.functional.normalize(torch.randn(C, D), dim=-1)
-    t_route = timeit(lambda: fcit.route_clients(tokens, [40] * C, cache, threshold=0.9, max_subspaces=K))
-    As, Bs = [torch.randn(r, I) for _ in range(C)], [torch.randn(O, r) for _ in range(C)]
-    t_agg = L * timeit(lambda: fcit.svd_aggregate(As, Bs, torch.ones(C), rank=r))
-    print(f"DKO routing of {C} clients: {1e3 * t_route:.2f} ms; SVD aggregation of {L} layers: {1e3 * t_agg:.1f} ms")
-    if args.round_seconds:
-        print(f"share of a {args.round_seconds:.1f} s round: {100 * (t_route + t_agg) / args.round_seconds:.2f}%")
+        ref.A.weight.copy_(plain.A[0]), ref.B.weight.copy_(plain.B[0] + 0.01)
+        plain.B.copy_(ref.B.weight[None])
+    same = torch.equal(plain.eval()(x), ref.eval()(x))
+    plain.train(), ref.train()
+    t_ref = timeit(lambda: ref(x).sum().backward(), 50)
+    t_hand = timeit(lambda: fwd_bwd(plain), 50)
+    print(f"hand LoRA / reference (nn.Linear + nn.Dropout), fwd+bwd: {t_hand / t_ref:.2f}; eval outputs "
+          f"{'bitwise equal' if same else 'DIFFERENT'}")
 
 
-def multi_gated(layer, x, gate):
-    with gated(layer, gate):
-        return layer(x)
+class Reference(torch.nn.Module):
+    """The textbook LoRA layer (loralib, PEFT): h = W0 x + s B(A(dropout(x)))."""
+
+    def __init__(self, base, r, s, p):
+        super().__init__()
+        self.base, self.s, self.drop = base, s, torch.nn.Dropout(p)
+        self.A = torch.nn.Linear(base.in_features, r, bias=False)
+        self.B = torch.nn.Linear(r, base.out_features, bias=False)
+
+    def forward(self, x):
+        return self.base(x) + self.s * self.B(self.A(self.drop(x)))
 
 
 def similarity(args):
@@ -61,7 +164,7 @@ def similarity(args):
     SSA gate its test questions put on their own dataset's token (task-related datasets, eps = 0.05)."""
     import model as M
     from data import TASK_ORDER, load_dataset
-    from embedded import benchmark, pretraining
+    from embedded import benchmark
     root = benchmark.write_release(args.data, seed=0)
     mdl, proc = M.load_llava(args.base)
     names, rng = list(benchmark.DATASETS), np.random.default_rng(0)
@@ -190,43 +293,47 @@ def gpu(args):
 
 
 def distributed(args):
-    """The same short run of train.py in 1, 2, ... processes (torchrun, one thread each): wall seconds, clients
-    trained per second of the whole run (evaluation included), and whether the results are the same."""
+    """The same short run of train.py in 1, 2, ... processes (torchrun, one thread each), in both --parallel modes:
+    wall seconds, clients trained per second of the whole run (evaluation included), and whether the results equal
+    one process's (exact: bitwise; balanced: within rounding, see tests/test_parallel.py)."""
     import json
     import os
     import subprocess
     import sys
     import tempfile
     flags = ["--setting", args.setting, "--rounds", str(args.rounds), "--train-limit", str(args.train_limit),
-             "--test-limit", str(args.test_limit), "--fresh"]
+             "--test-limit", str(args.test_limit), "--lora-dropout", str(args.lora_dropout), "--fresh"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     seen = None
     for n in args.processes:
-        out = tempfile.mkdtemp()
-        launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n)]
-                                     if n > 1 else [])
-        done = subprocess.run([*launch, "train.py", *flags, "--out", out], env=env, capture_output=True, text=True)
-        if done.returncode:
-            raise SystemExit(f"{n} process(es): train.py failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
-        res = json.load(open(os.path.join(out, "results.json")))
-        clients = res["config"]["fed"]["clients_per_round"] * args.rounds * len(res["tasks"])
-        same = "" if seen is None else f", results {'the same' if res['acc'] == seen else 'DIFFERENT'}"
-        seen = seen or res["acc"]
-        print(f"{n} process(es): {res['wall_seconds']:.1f} s, {clients / res['wall_seconds']:.2f} clients/s "
-              f"(Last {res['last']:.2f}{same})", flush=True)
+        for mode in (["exact"] if n == 1 else ["exact", "balanced"]):
+            out = tempfile.mkdtemp()
+            launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n)]
+                                         if n > 1 else [])
+            done = subprocess.run([*launch, "train.py", *flags, "--parallel", mode, "--out", out], env=env,
+                                  capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"{n} process(es): train.py failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+            res = json.load(open(os.path.join(out, "results.json")))
+            clients = res["config"]["fed"]["clients_per_round"] * args.rounds * len(res["tasks"])
+            same = "" if seen is None else f", accuracy matrix {'the same' if res['acc'] == seen else 'DIFFERENT'}"
+            seen = seen or res["acc"]
+            print(f"{n} process(es), {mode}: {res['wall_seconds']:.1f} s, {clients / res['wall_seconds']:.2f} "
+                  f"clients/s (Last {res['last']:.2f}{same})", flush=True)
 
 
 def stragglers(args):
-    """Simulated training speed-up of one client per process, from the partition's real client sizes: a round's
-    time is its most loaded process's examples (clients placed by parallel.world.balance), over 8 task-related
-    stages x 10 rounds x 5 clients of 4,000-example tasks (the default run), against one process."""
+    """Simulated training speed-up over one process, from the partition's real client sizes (8 task-related stages x
+    10 rounds x 5 clients of 4,000-example tasks, 3 seeds), the work counted in examples: exact mode (one client a
+    process, placed by parallel.world.balance) lasts as long as its most loaded process; balanced mode (every batch
+    of --batch examples split over the processes) as long as the largest share of each step, ceil(b / G)."""
     from data import dirichlet_partition
     from federated import sample_clients
     from parallel.world import balance
     for beta in (0.5, 1.0, 5.0):
         line = []
         for g in args.processes:
-            one = many = 0
+            one = exact = balanced = 0
             for seed in range(3):
                 rng = np.random.default_rng([seed, 2])
                 sizes = [[len(c) for c in dirichlet_partition(4000, 50, beta=beta, min_size=4, rng=rng)]
@@ -236,9 +343,11 @@ def stragglers(args):
                         picked = sample_clients(50, 5, np.random.default_rng([seed, t, r]))
                         work = [sizes[t][c] for c in picked]
                         one += sum(work)
-                        many += max(sum(work[i] for i in b) for b in balance(work, g))
-            line.append(f"{g} processes {one / many:.2f}x")
-        print(f"beta {beta}: " + ", ".join(line), flush=True)
+                        exact += max(sum(work[i] for i in b) for b in balance(work, g))
+                        steps = [min(args.batch, n - s) for n in work for s in range(0, n, args.batch)]
+                        balanced += sum(-(-b // g) for b in steps)
+            line.append(f"{g} processes: exact {one / exact:.2f}x, balanced {one / balanced:.2f}x")
+        print(f"beta {beta}, batch {args.batch}: " + "; ".join(line), flush=True)
 
 
 if __name__ == "__main__":
@@ -246,13 +355,11 @@ if __name__ == "__main__":
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("speed")
     s.add_argument("--batch", type=int, default=8)
-    s.add_argument("--tokens", type=int, default=48)
+    s.add_argument("--tokens", type=int, default=40)
     s.add_argument("--width", type=int, default=128)
     s.add_argument("--ffn", type=int, default=384)
     s.add_argument("--subspaces", type=int, default=8)
     s.add_argument("--rank", type=int, default=8)
-    s.add_argument("--layers", type=int, default=4)
-    s.add_argument("--round-seconds", type=float, default=0.0, help="measured seconds of one round, for the share")
     m = sub.add_parser("similarity")
     m.add_argument("--base", required=True)
     m.add_argument("--data", required=True, help="embedded benchmark folder (written if missing)")
@@ -271,7 +378,9 @@ if __name__ == "__main__":
     d.add_argument("--rounds", type=int, default=2)
     d.add_argument("--train-limit", type=int, default=400)
     d.add_argument("--test-limit", type=int, default=20)
+    d.add_argument("--lora-dropout", type=float, default=0.05, help="0: balanced then differs by rounding only")
     t = sub.add_parser("stragglers")
     t.add_argument("--processes", type=int, nargs="+", default=[2, 5])
+    t.add_argument("--batch", type=int, default=8, help="examples per local step (the paper preset's: 128)")
     a = ap.parse_args()
     {"speed": speed, "similarity": similarity, "gpu": gpu, "distributed": distributed, "stragglers": stragglers}[a.cmd](a)

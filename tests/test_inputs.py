@@ -43,7 +43,8 @@ BAD_FLAGS = [("--lr", v, ()) for v in ("nan", "inf", "-1", "0", "1e9", "1.5")] \
     + [("--micro-batch", "-1", ()), ("--seed", "-1", ()), ("--threads", "0", ())] \
     + [("--threshold", v, ()) for v in ("nan", "1.5", "-2")] \
     + [("--server-lr", v, SERVER) for v in ("nan", "inf", "-1")] \
-    + [("--mu", v, ("--server", "fedprox")) for v in ("nan", "inf", "-1")]
+    + [("--mu", v, ("--server", "fedprox")) for v in ("nan", "inf", "-1")] \
+    + [("--lora-dropout", v, ()) for v in ("nan", "1", "-0.1")]
 
 
 @pytest.mark.parametrize("flag,value,extra", BAD_FLAGS, ids=[f"{f}={v}" for f, v, _ in BAD_FLAGS])

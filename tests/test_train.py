@@ -2,6 +2,7 @@
 flags and their defaults, errors, determinism, and resuming after a crash mid-stage. The runs are made once per
 session (conftest.tiny_run) and shared by the tests that read them.
 Run: python -m pytest -q tests/test_train.py"""
+import contextlib
 import dataclasses
 import json
 import re
@@ -207,6 +208,8 @@ def test_a_preset_sets_its_fields_and_keeps_the_other_defaults():
     (["--aggregate", "ab"], ("fed", "aggregate"), "ab"),
     (["--open", "first-round"], ("disco", "open"), "first-round"),
     (["--seed", "3"], ("seed",), 3),
+    (["--lora-dropout", "0"], ("lora_dropout",), 0.0),
+    (["--parallel", "balanced"], ("parallel",), "balanced"),
 ])
 def test_a_flag_given_reaches_its_config_field_also_when_falsy(flags, field, value):
     cfg = train.resolve(train.parse_args(flags))
@@ -301,3 +304,29 @@ def test_lora_goes_on_the_language_models_ffn_only_and_the_projector_trains_in_e
     K, R = train.lora_layout(cfg)
     assert counts["lora"] == sum(K * R * (m.in_features + m.out_features) for n, m in qwen.named_modules()
                                  if n in {w + ".base" for w in wrapped})
+
+
+def test_answer_lengths_give_each_task_room_for_its_longest_training_answer_up_to_the_cap(monkeypatch):
+    """Evaluation generates at most ceil(1.5 x the task's longest training answer) + 4 tokens, never more than
+    max_new_tokens: a one-word task stops a rambling row early, a caption task keeps room for its captions."""
+    from data import Example, TaskData
+
+    def ex(answer):
+        return Example(id=answer, image="", question="q", answer=answer)
+
+    def tokenizer(texts, add_special_tokens):
+        return {"input_ids": [t.split() for t in texts]}
+    word, caption = [ex("yes"), ex("no")], [ex("a red kite in the sky"), ex("two dogs")]
+    data = {"W": TaskData("W", train=word, test={"W1": [ex("yes")]}),
+            "C": TaskData("C", train=caption, test={"C1": [ex("x")], "C2": [ex("y")]})}
+    lengths = metrics.answer_lengths(data, tokenizer, cap=12)
+    assert lengths[id(data["W"].test["W1"][0])] == 6                  # ceil(1.5 * 1) + 4
+    assert [lengths[id(e)] for e in data["C"].test["C1"] + data["C"].test["C2"]] == [12, 12]  # ceil(1.5*6)+4 = 13
+    assert metrics.answer_lengths(data, tokenizer, cap=64)[id(data["C"].test["C1"][0])] == 13
+    asked = []
+    monkeypatch.setattr(train, "generate", lambda *a, max_new_tokens, **k: asked.append(max_new_tokens) or ["a"])
+    monkeypatch.setattr(train, "images_of", lambda examples, processor: [])
+    monkeypatch.setattr(train, "gated", lambda model, gate: contextlib.nullcontext())
+    answer = train.answerer(None, None, train.RunConfig(), lengths)
+    answer(data["W"].test["W1"], None), answer([ex("unseen")], None)
+    assert asked == [6, FedConfig.max_new_tokens]                   # an example of no task: the cap
