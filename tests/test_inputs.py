@@ -39,7 +39,7 @@ SERVER = ("--server", "fedavgm", "--aggregate", "ab")                  # --serve
 BAD_FLAGS = [("--lr", v, ()) for v in ("nan", "inf", "-1", "0", "1e9", "1.5")] \
     + [("--beta", v, ()) for v in ("nan", "inf", "-1", "0")] \
     + [(f, "0", ()) for f in ("--rounds", "--clients", "--clients-per-round", "--local-epochs", "--batch-size",
-                              "--train-limit", "--test-limit")] \
+                              "--eval-batch", "--train-limit", "--test-limit")] \
     + [("--micro-batch", "-1", ()), ("--seed", "-1", ()), ("--threads", "0", ())] \
     + [("--threshold", v, ()) for v in ("nan", "1.5", "-2")] \
     + [("--server-lr", v, SERVER) for v in ("nan", "inf", "-1")] \
