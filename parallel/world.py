@@ -3,10 +3,14 @@
     torchrun --standalone --nproc-per-node 2 train.py --setting task-hom              # 2 processes on CPU (gloo)
     torchrun --nproc-per-node 8 train.py --data ROOT --model LLAVA --device cuda ...  # one GPU a process (NCCL)
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 train.py ...
+    torchrun --nproc-per-node 5 train.py ... --device cuda --parallel balanced        # every batch over 5 GPUs
 
-federated.run_continual asks its world two things: which of the round's clients this process trains (`mine`) and
-every client's result, in client order (`gather`). `federated.Solo` is world size 1, the loop a reader reads: it
-trains every client and exchanges nothing. `World` is the same two calls over torch.distributed:
+federated.run_continual asks its world which of the round's clients this process trains (`mine`) and every client's
+result, in client order (`gather`); local_train asks which examples of a batch it computes (`share`) and for the
+sums over the processes that share the batch (`total`, `reduce`). `federated.Solo` is world size 1, the loop a
+reader reads: it trains every client, whole, and exchanges nothing. `World` (--parallel exact, the default) is the
+same calls over torch.distributed, one client a process; `Balanced` (--parallel balanced, at the end of this file)
+splits every batch over the processes instead. In exact mode:
 - Every process derives the round's clients, their routing (DKO runs on every rank, on the same tokens) and their
   random streams from (seed, stage, round, client), never from its rank, so a client's update does not depend on
   which process trained it (at one thread a process: torchrun's default, and the single-process run's to compare).
@@ -140,7 +144,8 @@ class Balanced(World):
 
     def reduce(self, params, loss):
         """Sum every parameter's gradient (zeros where this process computed none) and the loss over the
-        processes, in one flat float32 all_reduce; every process gets the same sum."""
+        processes, in one flat float32 all_reduce. Every process gets the same sum (gloo's and NCCL's all_reduce
+        return the same bits on every rank), so the replicas take the same step and stay equal."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([loss], device=grads[0].device)])
         dist.all_reduce(flat)
