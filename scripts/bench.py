@@ -53,17 +53,15 @@ def speed(args):
     model_rate = float(np.mean(rates[:-1]))
     print(f"matmul: {model_rate:.0f} GFLOP/s at the model's shapes, {rates[-1]:.0f} GFLOP/s at 2048^3")
     # one round of 5 clients, every phase timed
-    jobs = [(c, t, e) for c, t, e in train_jobs(setting, data, cfg)]
-    gates = [strategy.train_gate(k) for k in strategy.assign(0, 0, jobs)]
+    jobs = train_jobs(setting, data, cfg)
     phases = dict.fromkeys(["batch", "forward", "backward", "optimizer", "routing", "aggregation"], 0.0)
     flops = steps = examples = 0                                         # flops: of one example's fwd + bwd
     start = client_state(model)
     params = [p for p in model.parameters() if p.requires_grad]
     t = time.perf_counter()
-    strategy.cache = None
-    subspaces = strategy.assign(0, 0, jobs)
+    subspaces = strategy.assign(0, 0, jobs)                              # DKO: identity tokens, routing
     phases["routing"] += time.perf_counter() - t
-    states = []
+    gates, states = [strategy.train_gate(k) for k in subspaces], []
     for (_, _, ex), gate in zip(jobs, gates):
         opt = torch.optim.AdamW(param_groups(model, cfg.fed), weight_decay=0.0, fused=True)
         model.train()
