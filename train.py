@@ -4,6 +4,7 @@
     python train.py --setting task-het --method finetune --beta 0.5 --seed 1
     python train.py --data ROOT --model LLAVA --text-encoder CLIP --preset paper --device cuda   # the real benchmark
     torchrun --standalone --nproc-per-node 2 train.py --setting task-hom   # a round's clients over 2 processes
+    torchrun --nproc-per-node 5 train.py ... --device cuda --parallel balanced   # every batch over 5 GPUs
 
 The path a reader follows: `resolve` turns flags into one RunConfig (every default is a dataclass field), `prepare`
 finds the data and the base (the embedded benchmark and the tiny base, made once into the cache, unless --data and
