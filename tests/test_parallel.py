@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import train
 from conftest import TINY
 from parallel.world import balance
 
@@ -60,6 +61,17 @@ def run(cmd, method, out, cache, extra=()):
     return (*finished(out), done.stdout)
 
 
+def in_process(method, out, extra=()):
+    """The single-process run, made in this test process at one thread (torchrun's one thread a process), the
+    thread count restored after: (results.json without its wall time, the final checkpoint's tensors, its output)."""
+    lines, threads = [], torch.get_num_threads()
+    try:
+        train.main([*TINY, *FLAGS[method], *extra, "--threads", "1", "--out", str(out)], log=lines.append)
+    finally:
+        torch.set_num_threads(threads)
+    return (*finished(out), "\n".join(lines))
+
+
 @pytest.fixture(scope="module")
 def one_process(tiny_cache, tmp_path_factory):
     """method -> the single-process run (made once; the first also fills the cache before torchrun reads it)."""
@@ -67,7 +79,7 @@ def one_process(tiny_cache, tmp_path_factory):
 
     def get(method):
         if method not in runs:
-            runs[method] = run([sys.executable], method, tmp_path_factory.mktemp(method), tiny_cache)
+            runs[method] = in_process(method, tmp_path_factory.mktemp(method))
         return runs[method]
     return get
 
@@ -131,7 +143,6 @@ def test_a_killed_worker_is_restarted_by_torchrun_and_the_run_ends_with_the_same
 def test_restarts_without_a_fresh_store_per_attempt_are_refused_before_any_work(tmp_path, tiny_cache, monkeypatch):
     # torchrun's shared rendezvous store outlives a restart and hangs the restarted workers' connect. The environment
     # torchrun --max-restarts 1 gives a worker, in this process: the refusal comes before any process group or file
-    import train
     for name, value in {"WORLD_SIZE": "2", "RANK": "0", "TORCHELASTIC_MAX_RESTARTS": "1",
                         "TORCHELASTIC_USE_AGENT_STORE": "True", "FCIT_CACHE": str(tiny_cache)}.items():
         monkeypatch.setenv(name, value)
@@ -148,7 +159,7 @@ def test_balanced_mode_splits_every_batch_and_equals_one_process_within_rounding
     then +-1 whatever its size): every tensor of the final global state agrees to 1% of its largest entry
     (measured 0.15%), and the accuracy matrix is the same."""
     flags = ["--lora-dropout", "0"]
-    one = run([sys.executable], "disco", tmp_path / "one", tiny_cache, flags)
+    one = in_process("disco", tmp_path / "one", flags)
     two = run(TORCHRUN, "disco", tmp_path / "two", tiny_cache, [*flags, "--parallel", "balanced"])
     assert two[0]["config"]["parallel"] == "balanced" and two[2].count("stage 4/4 round 2/2") == 1
     assert one[0]["acc"] == two[0]["acc"] and one[0]["subspaces"] == two[0]["subspaces"]
