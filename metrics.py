@@ -275,7 +275,6 @@ def accuracy_matrix(acc: list[dict[str, float]], tasks: list[str]) -> np.ndarray
 # layers); gate_of(examples) -> (B, K) or None is the method's gate (federated.Disco.eval_gate: SSA, per question).
 
 
-@torch.no_grad()
 def answer_lengths(data, tokenizer, cap):
     """{id(test example): max new tokens}: room for 1.5 times the longest training answer of its task, plus 4, and
     at most `cap` (cfg.fed.max_new_tokens). Every answer the training data teaches fits; a row that rambles on a
@@ -288,6 +287,7 @@ def answer_lengths(data, tokenizer, cap):
     return lengths
 
 
+@torch.no_grad()
 def evaluate_dataset(answer, gate_of, metric: str, examples, *, batch: int):
     """(score in percent with `metric`, the mean gate the questions put on each subspace or None, predictions)."""
     preds, gates = [], []

@@ -33,6 +33,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from federated import Solo
+
 # C clients of a round, G processes (world size), M most clients on one rank, P numbers in one client's update
 
 
@@ -47,8 +49,9 @@ def balance(sizes, parts):
     return [sorted(b) for b in bins]
 
 
-class World:
-    """This process's place among torchrun's: rank, size, and the collectives of the federated loop."""
+class World(Solo):
+    """This process's place among torchrun's: rank, size, and the collectives of the federated loop. A client is
+    trained whole by one process, so Solo's share, total, reduce and dropout stream hold as they are."""
 
     def __init__(self, rank, size):
         self.rank, self.size = rank, size
@@ -99,17 +102,6 @@ class World:
     def barrier(self):
         dist.barrier()
 
-    stream = ()                                                       # exact: a client's dropout draws as in Solo
-
-    def share(self, chunk):
-        return chunk
-
-    def total(self, tokens):
-        return tokens
-
-    def reduce(self, params, loss):
-        return loss
-
 
 class Balanced(World):
     """--parallel balanced: every process takes part in every client, data-parallel: a batch's examples are split
@@ -125,11 +117,7 @@ class Balanced(World):
         self.stream = (rank,)
         self.device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces CUDA tensors only
 
-    def mine(self, sizes):
-        return list(range(len(sizes)))
-
-    def gather(self, results, sizes, like):
-        return [results[i] for i in range(len(sizes))]
+    mine, gather = Solo.mine, Solo.gather                           # every client here, nothing to exchange after
 
     def share(self, chunk):
         """A contiguous slice of the batch, sizes as equal as they can be (the first len % G get one more)."""
