@@ -176,6 +176,16 @@ def load_chat(path, kind, *, dtype=torch.float32, device="cpu"):
     return model, ChatProcessor(tokenizer, images, template, kind=kind, tokens_per_tile=tiles)
 
 
+def checkpoint_activations(model):
+    """Gradient checkpointing (non-reentrant: the recomputed forward replays the same dropout draws, so no number
+    changes): transformers 5.x up to 5.2x names it gradient_checkpointing_enable, later releases
+    activation_checkpointing_enable and deprecate the old name; use whichever this release has."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        return enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def load_text_encoder(path, *, device="cpu"):
     """(CLIPTextModel, tokenizer) from a local folder, e.g. openai/clip-vit-large-patch14-336: DISCO's frozen text
     encoder on the real benchmark (the official code's CLIPTextTower)."""

@@ -47,8 +47,8 @@ from embedded.base import BaseConfig, pretrain_base, shipped, weights_sha256
 from federated import (Disco, Diverged, FedConfig, Finetune, Harness, Progress, Solo, is_projector, local_train,
                        run_continual, strip_prefix)
 from lora import LoRAConfig, add_lora, gated, split_factor
-from model import (VICUNA_SYSTEM, clip_text_features, collate, expand_to_square, generate, image_features,
-                   instruction_features, load_model, load_text_encoder, require_folder, to_device)
+from model import (VICUNA_SYSTEM, checkpoint_activations, clip_text_features, collate, expand_to_square, generate,
+                   image_features, instruction_features, load_model, load_text_encoder, require_folder, to_device)
 from parallel.world import MODES, join
 from storage.checkpoint import CHECKPOINT, Checkpoint, fingerprint, read_checkpoint, where, write_json
 from storage.results import write_results
@@ -76,6 +76,7 @@ class RunConfig:
     train_examples: int = 4000      # per dataset (embedded benchmark): ~80 per client, 10 local steps
     test_examples: int = 200
     pretrain_examples: int = BaseConfig.pretrain_examples
+    base_layers: int = BaseConfig.layers  # language-model layers of the embedded base (the shipped one has 4)
     mtl_epochs: int = 1
     system: str = BaseConfig.system  # the vicuna_v1 system line the base was trained with (VICUNA_SYSTEM for LLaVA)
     data: str | None = None         # --data: the official FCIT release folder (default: the embedded benchmark)
@@ -83,7 +84,7 @@ class RunConfig:
     text_encoder: str | None = None # --text-encoder: a CLIP text encoder folder for DISCO's identity tokens
     train_limit: int | None = None  # first N training records per dataset (a smoke test of the real data)
     test_limit: int | None = None   # first N test records per dataset
-    gradient_checkpointing: bool = False  # recompute activations in the backward pass: memory for time (paper: on)
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: memory for time (official: on)
     fed: FedConfig = dataclasses.field(default_factory=FedConfig)
     disco: fcit.DiscoConfig = dataclasses.field(default_factory=fcit.DiscoConfig)
     ewc: EWCConfig = dataclasses.field(default_factory=EWCConfig)
@@ -94,23 +95,27 @@ class RunConfig:
 
 PRESETS = {
     "default": {},
-    # seconds, for tests: a micro base, a few examples, one round, two clients
-    "tiny": dict(train_examples=40, test_examples=6, pretrain_examples=64, rank=16, subspace_rank=2,
+    # seconds, for tests: a micro base (one layer, 2 pretraining steps), a few examples, one round, two clients,
+    # EWC's Fisher on 4 examples a client
+    "tiny": dict(train_examples=40, test_examples=6, pretrain_examples=64, base_layers=1, rank=16, subspace_rank=2,
+                 ewc=dict(fisher_examples=4),
                  fed=dict(num_clients=6, clients_per_round=2, rounds=1, min_size=2, eval_batch=8, max_new_tokens=12)),
     # the paper's hyperparameters (fcit-paper-notes.md 1.3, 1.5, 4; the official code): global batch 128 (64 in
-    # the capability settings) through micro-batches of 8, answers up to 128 tokens (each task's answer length,
-    # metrics.answer_lengths), test questions 32 a batch (measured on an H200: 50 ms a question against 200 at 16,
-    # 27 GiB; --eval-batch 8 on a 24 GB card), and the projector at the LoRA
-    # rate 2e-4: the scripts pass --mm_projector_lr 2e-5, but the official trainer builds no projector group, so
-    # the flag never reaches the optimizer; we follow what the code does
-    "paper": dict(gradient_checkpointing=True,
+    # the capability settings), answers up to 128 tokens (each task's answer length, metrics.answer_lengths), and
+    # the projector at the LoRA rate 2e-4: the scripts pass --mm_projector_lr 2e-5, but the official trainer builds
+    # no projector group, so the flag never reaches the optimizer; we follow what the code does. How the batch is
+    # computed changes no number and is chosen for speed (`python -m scripts.bench gpu`, LLaVA-1.5-7B's shapes, one
+    # H200): micro-batches of 4 without gradient checkpointing, 9,585 tokens/s at 33 GiB, against 6,349-6,999 at
+    # 18 GiB for the official micro-batch 8 with checkpointing (--gradient-checkpointing: cards under 40 GB); test
+    # questions 64 a batch, 39-66 ms a question at 40 GiB against 53-100 at 32 (--eval-batch 8 on a 24 GB card)
+    "paper": dict(gradient_checkpointing=False,
                   fed=dict(num_clients=50, clients_per_round=5, rounds=10, local_epochs=1, lr=2e-4, projector_lr=2e-4,
-                           warmup=0.03, batch_size=128, micro_batch=8, max_new_tokens=128, eval_batch=32)),
+                           warmup=0.03, batch_size=128, micro_batch=4, max_new_tokens=128, eval_batch=64)),
 }
 
 # flag -> field, by the config that owns it; a flag left out (None) keeps the preset's or the dataclass's value
 RUN_FLAGS = ("setting", "method", "beta", "seed", "device", "data", "model", "text_encoder", "train_limit", "test_limit",
-             "lora_dropout", "parallel")
+             "lora_dropout", "parallel", "gradient_checkpointing")
 FED_FLAGS = {"rounds": "rounds", "clients": "num_clients", "clients_per_round": "clients_per_round", "lr": "lr",
              "local_epochs": "local_epochs", "batch_size": "batch_size", "micro_batch": "micro_batch",
              "aggregate": "aggregate", "eval_batch": "eval_batch"}
@@ -140,6 +145,9 @@ def parse_args(argv=None):
     ap.add_argument("--batch-size", type=int, help=f"local batch, examples per optimizer step (default {F.batch_size})")
     ap.add_argument("--micro-batch", type=int, help="examples per forward pass; gradients accumulate to --batch-size")
     ap.add_argument("--eval-batch", type=int, help=f"test questions answered together (default {F.eval_batch})")
+    ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+                    help=f"recompute activations in the backward pass: half the memory, 1.5x the time of a 7B step "
+                         f"(default {R.gradient_checkpointing}; off in --preset paper)")
     ap.add_argument("--aggregate", choices=list(fcit.AGGREGATIONS),
                     help="LoRA aggregation inside a subspace (default: the method's choice, ab for ewc and "
                          + ", ".join(STATEFUL) + ", svd otherwise)")
@@ -183,7 +191,10 @@ def resolve(args) -> RunConfig:
     name = RunConfig.preset if args.preset is None else args.preset
     preset = json.loads(json.dumps(PRESETS[name]))
     fed = preset.pop("fed", {})
+    methods = {k: preset.pop(k) for k in ("ewc", "lwf", "olora") if k in preset}   # a method's own config
     cfg = RunConfig(**{**preset, **given(args, RUN_FLAGS), "preset": name})
+    for k, v in methods.items():
+        setattr(cfg, k, type(getattr(cfg, k))(**v))
     if cfg.method not in METHODS:
         raise ValueError(f"--method {cfg.method!r} is unknown; choose one of {', '.join(METHODS)}")
     setting = get_setting(cfg.setting)
@@ -273,8 +284,9 @@ def prepare(cfg: RunConfig, log):
             log(f"generating the embedded benchmark into {root} ...")
             benchmark.write_release(root, seed=0, sizes=benchmark.Sizes(cfg.train_examples, cfg.test_examples))
     if base is None:
-        recipe = BaseConfig(pretrain_examples=cfg.pretrain_examples)
-        base = shipped(recipe) or os.path.join(cache_dir(), f"base-v{pretraining.BASE_VERSION}-seed0-{cfg.pretrain_examples}")
+        recipe = BaseConfig(pretrain_examples=cfg.pretrain_examples, layers=cfg.base_layers)
+        base = shipped(recipe) or os.path.join(cache_dir(), f"base-v{pretraining.BASE_VERSION}-seed0-"
+                                                            f"{cfg.pretrain_examples}x{cfg.base_layers}")
         if not os.path.isdir(base):
             log(f"pretraining the tiny base model into {base} (once) ...")
             pretrain_base(base, recipe, log=log)
@@ -321,7 +333,7 @@ def build_model(base, cfg: RunConfig, log=lambda *a: None):
     adapt(model, cfg, log)
     model.to(cfg.device)
     if cfg.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_activations(model)
     return model.eval(), processor
 
 

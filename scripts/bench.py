@@ -193,12 +193,18 @@ def similarity(args):
 
 
 def gpu(args):
-    """One client's local epoch and one evaluation batch on a model of LLaVA-1.5-7B's shapes (random weights: no
-    download), with the paper preset's settings: bf16 base, fp32 LoRA (8 subspaces of rank 8 on the FFN), global
-    batch 128 through micro-batches, gradient checkpointing, an optimizer over LoRA and projector only. Prints
-    tokens per second and peak memory. --tiny runs the same code on small shapes (a CPU check of the script)."""
+    """Local training and evaluation on a model of LLaVA-1.5-7B's shapes (random weights: no download), with the
+    paper preset's settings: bf16 base, fp32 LoRA (8 subspaces of rank 8 on the FFN), global batch 128 through
+    micro-batches, an optimizer over LoRA and projector only. For every attention implementation x gradient
+    checkpointing x micro-batch asked for: tokens/s, the achieved model FLOP/s against the chip's bf16 peak (MFU)
+    and against its measured matmul rate, and peak memory; then gated evaluation batches (SSA, a different gate per
+    row). Model FLOPs: one micro-batch's forward + backward counted by torch's FlopCounterMode without
+    checkpointing (its recomputation is not useful work), per processed token, times the epoch's tokens.
+    --tiny runs the same code on small shapes (a CPU check of the script)."""
     import json
     import tempfile
+
+    from torch.utils.flop_counter import FlopCounterMode
 
     import model as M
     import train
@@ -212,8 +218,25 @@ def gpu(args):
     from PIL import Image
     from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
     from transformers import LlavaProcessor
+    start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    report = open(args.out, "a") if args.out else None
+
+    def emit(record):
+        print(json.dumps(record), flush=True)
+        if report:
+            report.write(json.dumps(record) + "\n")
+            report.flush()
+    # the chip: a large bf16 GEMM (the ceiling this code can hope for) and the datasheet's dense bf16 peak
+    n = 8192 if device == "cuda" else 512
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    matmul = 2 * n ** 3 / timeit(lambda: (a @ b, sync()), repeat=10)
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    peak = 989.4e12 if any(h in name for h in ("H100", "H200")) else None     # SXM, dense bf16 (NVIDIA)
+    emit({"device": name, "matmul_TFLOPs": round(matmul / 1e12, 1), "datasheet_TFLOPs": peak and peak / 1e12})
+    del a, b
     tok = build_tokenizer(pretraining.corpus(0) + [M.VICUNA_SYSTEM, "user : assistant :"])
     size, patch = (336, 14) if not args.tiny else (28, 14)
     vision = CLIPVisionConfig(**(dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
@@ -243,51 +266,81 @@ def gpu(args):
     add_lora(model, LoRAConfig(num_subspaces=8, rank=8, alpha=128.0), generator=torch.Generator().manual_seed(0))
     for p in model.model.multi_modal_projector.parameters():
         p.requires_grad_(True)
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.eval()
     n_base = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"built on {device} in {time.perf_counter() - t0:.0f}s: {n_base / 1e9:.2f} B frozen ({dtype}), "
           f"{n_train / 1e6:.1f} M trainable (LoRA fp32 + projector)", flush=True)
-    root = benchmark.write_release(tempfile.mkdtemp(), seed=0, sizes=benchmark.Sizes(args.examples, 32))
+    root = benchmark.write_release(tempfile.mkdtemp(), seed=0, sizes=benchmark.Sizes(args.examples,
+                                                                                     max(args.eval_batch)))
     examples = load_dataset(root, "CLEVR-Math", "train")
-    cfg = FedConfig(lr=2e-4, projector_lr=2e-5, batch_size=args.batch, micro_batch=args.micro_batch,
-                    eval_batch=args.eval_batch, max_new_tokens=16)
-    run = train.RunConfig(system=M.VICUNA_SYSTEM, device=device, fed=cfg)
+    run = train.RunConfig(system=M.VICUNA_SYSTEM, device=device, fed=FedConfig())
     harness = train.make_harness(model, processor, {}, run, log=None)
     harness.encode_text = lambda qs: torch.randn(len(qs), 128)     # random identity features: no encoder to load
     tokens = sum(int(M.collate(processor, [Image.new("RGB", (size, size))], [e.question], [e.answer],
                                system=run.system)["attention_mask"].sum()) for e in examples)
     gate = torch.nn.functional.one_hot(torch.tensor(3), 8).float()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    _, loss = local_train(model, harness, examples, gate=gate, cfg=cfg, rng=np.random.default_rng(0))
-    if device == "cuda":
-        torch.cuda.synchronize()
-    train_s = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-    # evaluation: batched greedy decoding, each row gated by its own softmax over 8 subspaces (SSA)
-    strategy = Disco(model, harness, cfg)
+    # evaluation first, while LoRA's B = 0 and the base is random: no row stops early, every question decodes all
+    # new_tokens. Batched greedy decoding, each row gated by its own softmax over 8 subspaces (SSA)
+    strategy = Disco(model, harness, FedConfig())
     strategy.cache = TokenCache(torch.nn.functional.normalize(torch.randn(8, 128), dim=-1), torch.full((8,), 100))
-    test = load_dataset(root, "CLEVR-Math", "test")[:args.eval_batch]
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    metrics.evaluate_dataset(train.answerer(model, processor, run), strategy.eval_gate, "exact", test,
-                             batch=cfg.eval_batch)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    eval_s = time.perf_counter() - t0
-    eval_peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-    out = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "examples": len(examples),
-           "tokens": tokens, "train_seconds": round(train_s, 1), "train_tokens_per_s": round(tokens / train_s),
-           "train_peak_GiB": round(peak, 1), "loss": round(loss, 3), "eval_batch": len(test),
-           "eval_seconds": round(eval_s, 1), "eval_peak_GiB": round(eval_peak, 1),
-           "batch": cfg.batch_size, "micro_batch": cfg.micro_batch}
-    print(json.dumps(out), flush=True)
+    test = load_dataset(root, "CLEVR-Math", "test")
+    metrics.evaluate_dataset(train.answerer(model, processor, run), strategy.eval_gate, "exact", test[:4], batch=4)
+    for new_tokens in args.new_tokens:
+        answer = train.answerer(model, processor, train.RunConfig(system=M.VICUNA_SYSTEM, device=device,
+                                                                  fed=FedConfig(max_new_tokens=new_tokens)))
+        for eb in args.eval_batch:
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            sync()
+            t0 = time.perf_counter()
+            metrics.evaluate_dataset(answer, strategy.eval_gate, "exact", test[:eb], batch=eb)
+            sync()
+            s = time.perf_counter() - t0
+            emit({"eval_batch": eb, "new_tokens": new_tokens, "seconds": round(s, 2),
+                  "ms_per_question": round(1e3 * s / eb, 1),
+                  "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device == "cuda" else None})
+    # model FLOPs per processed token: one micro-batch, forward + backward, no checkpointing (also the warm-up)
+    batch = harness.make_batch(examples[:min(args.micro_batch)])
+    model.train()
+    with train.gated(model, gate), FlopCounterMode(display=False) as counter:
+        model(**batch).loss.backward()
+    model.zero_grad(set_to_none=True)
+    per_token = counter.get_total_flops() / batch["input_ids"].numel()
+    emit({"examples": len(examples), "tokens": tokens, "model_GFLOP_per_token": round(per_token / 1e9, 2),
+          "frozen_B": round(n_base / 1e9, 2), "trainable_M": round(n_train / 1e6, 1)})
+    for attn in args.attn:
+        model.set_attn_implementation(attn)
+        for ckpt in args.checkpointing:
+            if ckpt == "on":
+                M.checkpoint_activations(model)
+            else:
+                (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+            for mb in args.micro_batch:
+                row = {"attn": attn, "checkpointing": ckpt, "micro_batch": mb}
+                if time.perf_counter() - start > args.budget:
+                    emit({**row, "skipped": "over --budget"})
+                    continue
+                cfg = FedConfig(lr=2e-4, projector_lr=2e-5, batch_size=args.batch, micro_batch=mb)
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                sync()
+                t0 = time.perf_counter()
+                try:
+                    _, loss = local_train(model, harness, examples, gate=gate, cfg=cfg, rng=np.random.default_rng(0))
+                except torch.OutOfMemoryError:
+                    model.zero_grad(set_to_none=True)
+                    emit({**row, "out_of_memory": True})
+                    continue
+                sync()
+                s = time.perf_counter() - t0
+                achieved = per_token * tokens / s
+                emit({**row, "seconds": round(s, 1), "tokens_per_s": round(tokens / s),
+                      "model_TFLOPs": round(achieved / 1e12, 1), "MFU": peak and round(achieved / peak, 3),
+                      "of_matmul": round(achieved / matmul, 3), "loss": round(loss, 3),
+                      "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device == "cuda" else None})
+    print(f"total {time.perf_counter() - start:.0f} s", flush=True)
 
 
 def distributed(args):
@@ -368,8 +421,14 @@ if __name__ == "__main__":
     g.add_argument("--tiny", action="store_true", help="small shapes, to check the script on a CPU")
     g.add_argument("--examples", type=int, default=256, help="the client's examples (one local epoch)")
     g.add_argument("--batch", type=int, default=128)
-    g.add_argument("--micro-batch", type=int, default=8)
-    g.add_argument("--eval-batch", type=int, default=16)
+    g.add_argument("--micro-batch", type=int, nargs="+", default=[8, 16, 32])
+    g.add_argument("--attn", nargs="+", default=["sdpa"], help="attention implementations: sdpa, eager, ...")
+    g.add_argument("--checkpointing", nargs="+", default=["on"], choices=["on", "off"])
+    g.add_argument("--eval-batch", type=int, nargs="+", default=[16, 32, 64])
+    g.add_argument("--new-tokens", type=int, nargs="+", default=[16],
+                   help="generated per question (random weights never stop early: all of them)")
+    g.add_argument("--budget", type=float, default=1e9, help="seconds after which no further training row starts")
+    g.add_argument("--out", help="also append each JSON line to this file")
     d = sub.add_parser("distributed")
     d.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     d.add_argument("--setting", default="task-hom")

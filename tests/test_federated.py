@@ -18,7 +18,7 @@ from embedded.base import BaseConfig, build_processor, build_tiny_llava, build_t
 from federated import (Disco, FedConfig, Finetune, Harness, add_losses, aggregate, client_state, cosine_lr,
                        fedavg, local_train, param_groups, round_jobs, sample_clients)
 from lora import LoRAConfig, LoRALinear, add_lora, lora_modules
-from model import collate, to_device
+from model import checkpoint_activations, collate, to_device
 
 # C clients, K subspaces, R rank, I d_in, O d_out
 C, K, R, I, O = 3, 3, 4, 6, 5
@@ -258,6 +258,24 @@ def test_micro_batches_give_the_same_update_as_the_whole_batch(examples):
     for n in whole:
         # float32 sums in two orders; Adam's first step (lr 1e-2) turns a gradient's last bits into ~1e-6
         torch.testing.assert_close(parts[n], whole[n], rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_checkpointing_changes_no_number_dropout_included(examples):
+    """--gradient-checkpointing trades memory for time only: the recomputed forward replays the same LoRA dropout
+    draws (torch restores the RNG state), so the client's state is the same to the last bit."""
+    states = []
+    for checkpointing in (False, True):
+        model, processor = tiny_lora_llava(examples, dropout=0.3)
+        if checkpointing:
+            checkpoint_activations(model)
+        torch.manual_seed(0)
+        state, _ = local_train(model, harness_of(model, processor), examples, gate=None,
+                               cfg=FedConfig(batch_size=2, lr=1e-2), rng=np.random.default_rng(0))
+        states.append(state)
+    plain, recomputed = states
+    before = client_state(tiny_lora_llava(examples)[0])
+    assert all(not torch.equal(plain[n], before[n]) for n in plain)
+    assert all(torch.equal(recomputed[n], plain[n]) for n in plain)
 
 
 def gated_layer_model(K=2):

@@ -92,7 +92,7 @@ def test_bad_images_of_any_task_are_listed_at_once_before_training(tmp_path, mon
     cfg = train.resolve(train.parse_args(["--preset", "tiny"]))
     root = cache / f"data-v{benchmark.VERSION}-seed0-{cfg.train_examples}x{cfg.test_examples}"
     benchmark.write_release(str(root), seed=0, sizes=benchmark.Sizes(cfg.train_examples, cfg.test_examples))
-    (cache / f"base-v{pretraining.BASE_VERSION}-seed0-{cfg.pretrain_examples}").mkdir()   # prepare skips pretraining
+    (cache / f"base-v{pretraining.BASE_VERSION}-seed0-{cfg.pretrain_examples}x{cfg.base_layers}").mkdir()   # prepare skips pretraining
     truncated, train_json = record_image(root, "super-CLEVR/train.json", 3)             # the 8th and last task
     missing, test_json = record_image(root, "ImageNet-R/test.json", 1)
     truncate(truncated)

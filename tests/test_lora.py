@@ -157,6 +157,32 @@ def test_lora_dropout_keeps_the_mean_and_is_off_in_eval():
         make_layer(dropout=1.0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_cuda_layer_drops_at_rate_p_and_its_one_hot_path_agrees_with_the_stacked_one():
+    """On a GPU the dropout is one uniform draw per element (no host loop): the share dropped is p, and a bf16 base
+    with a one-hot gate gives the stacked path's output to bf16 rounding, factors and their gradients float32."""
+    torch.manual_seed(0)
+    base = nn.Linear(64, 48).to("cuda", torch.bfloat16)
+    layer = LoRALinear(base, num_subspaces=K, rank=R, alpha=8.0, dropout=0.05,
+                       generator=torch.Generator().manual_seed(0)).cuda()
+    with torch.no_grad():
+        layer.B.normal_()
+    x = torch.randn(256, 40, 64, device="cuda")
+    kept, keep = layer.train().drop(x)
+    n = x.numel()
+    assert keep == 0.95 and abs(int((kept == 0).sum()) - 0.05 * n) < 5 * (n * 0.05 * 0.95) ** 0.5
+    layer.eval()
+    xb = x.to(torch.bfloat16)
+    with gated(layer, torch.tensor([0.0, 0.7, 0.0], device="cuda")):
+        assert layer.active is not None
+        fast = layer(xb)
+        fast.float().pow(2).sum().backward()
+        layer.active = None
+        torch.testing.assert_close(layer(xb), fast, atol=0.02, rtol=0.02)
+    assert fast.dtype == torch.bfloat16 and layer.A.grad.dtype == torch.float32
+    assert layer.A.grad[1].abs().sum() > 0 and torch.all(layer.A.grad[[0, 2]] == 0)
+
+
 def test_per_row_gate_is_row_local():
     layer = make_layer()
     x = torch.randn(B, T, D_IN)

@@ -139,5 +139,6 @@ def test_clip_identity_feature_is_the_pooled_output_without_the_image_token(fold
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_the_cuda_path_runs_in_bf16(folders, tmp_path):
-    res, _, _ = run(folders, tmp_path / "out", "--setting", "task-hom", "--method", "disco", device="cuda")
-    assert res["config"]["device"] == "cuda" and len(res["acc"]) == 8
+    res, _, _ = run(folders, tmp_path / "out", "--setting", "task-hom", "--method", "disco", "--gradient-checkpointing",
+                    device="cuda")
+    assert res["config"]["device"] == "cuda" and res["config"]["gradient_checkpointing"] and len(res["acc"]) == 8

@@ -60,7 +60,7 @@ def checkpoint_tmp(*args, **kwargs):
 
 # every place a machine can die: in a client, in the server, in each file operation of the checkpoint, in evaluation
 POINTS = [("inside a client", train, "collate", 9, None),               # a training batch of stage 1, round 2
-          ("inside aggregation", fcit, "aggregate_subspace", 40, None), # mid-way through the layers of a round
+          ("inside aggregation", fcit, "aggregate_subspace", 11, None), # mid-way through the 3 LoRA layers of a round
           ("inside the checkpoint's write", storage, "save_file", 3, checkpoint_tmp),
           ("between write and fsync", os, "fsync", 7, None),
           ("between fsync and rename", os, "replace", 4, to_checkpoint),

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 import fcit
 import metrics
 import train
+from baselines.ewc import EWCConfig
 from baselines.server import ServerConfig
 from embedded.base import BaseConfig
 from federated import FedConfig
@@ -195,9 +196,11 @@ def test_every_flag_default_is_its_dataclass_field():
 
 
 def test_a_preset_sets_its_fields_and_keeps_the_other_defaults():
-    fed = PRESET["fed"]
-    expected = train.RunConfig(**{k: v for k, v in PRESET.items() if k != "fed"}, preset="tiny", fed=FedConfig(**fed))
-    assert train.resolve(train.parse_args(["--preset", "tiny"])) == expected
+    fed, ewc = PRESET["fed"], PRESET["ewc"]
+    expected = train.RunConfig(**{k: v for k, v in PRESET.items() if k not in ("fed", "ewc")}, preset="tiny",
+                               fed=FedConfig(**fed), ewc=EWCConfig(**ewc))
+    cfg = train.resolve(train.parse_args(["--preset", "tiny"]))
+    assert cfg == expected and cfg.ewc.fisher_examples == 4 and cfg.ewc.lam == EWCConfig().lam   # a method's config
 
 
 @pytest.mark.parametrize("flags, field, value", [
