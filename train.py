@@ -104,7 +104,7 @@ PRESETS = {
     # the capability settings), answers up to 128 tokens (each task's answer length, metrics.answer_lengths), and
     # the projector at the LoRA rate 2e-4: the scripts pass --mm_projector_lr 2e-5, but the official trainer builds
     # no projector group, so the flag never reaches the optimizer; we follow what the code does. How the batch is
-    # computed changes no number and is chosen for speed (`python -m scripts.bench gpu`, LLaVA-1.5-7B's shapes, one
+    # computed changes no number and is chosen for speed (`python -m scripts.bench_gpu`, LLaVA-1.5-7B's shapes, one
     # H200): micro-batches of 4 without gradient checkpointing, 9,585 tokens/s at 33 GiB, against 6,349-6,999 at
     # 18 GiB for the official micro-batch 8 with checkpointing (--gradient-checkpointing: cards under 40 GB); test
     # questions 64 a batch, 39-66 ms a question at 40 GiB against 53-100 at 32 (--eval-batch 8 on a 24 GB card)
