@@ -18,6 +18,7 @@ Four sections:
 
 Tests: python -m pytest tests/test_metrics.py
 """
+import functools
 import math
 import re
 from collections import Counter
@@ -126,8 +127,12 @@ def ptb_tokenize(text: str) -> list[str]:
     return [w for w in tokens if w not in PTB_DROPPED]
 
 
-def _ngram_counts(tokens: list[str], n: int) -> Counter:
-    return Counter(tuple(tokens[i:i + k]) for k in range(1, n + 1) for i in range(len(tokens) - k + 1))
+@functools.lru_cache(maxsize=1 << 16)
+def _ngram_counts(text: str, n: int) -> tuple[Counter, int]:
+    """(n-gram counts, length) of a caption's PTB tokens; cached: the same references come back in every call that
+    scores a task (scripts.validity scores 100 constant answers against one test set). Callers only read them."""
+    tokens = ptb_tokenize(text)
+    return Counter(tuple(tokens[i:i + k]) for k in range(1, n + 1) for i in range(len(tokens) - k + 1)), len(tokens)
 
 
 def cider_d(candidates: list[str], references: list[list[str]], *, n: int = 4, sigma: float = 6.0) -> list[float]:
@@ -141,8 +146,8 @@ def cider_d(candidates: list[str], references: list[list[str]], *, n: int = 4, s
         raise ValueError(f"cider_d: {len(candidates)} candidates but {len(references)} reference sets")
     if any(len(refs) == 0 for refs in references):
         raise ValueError("cider_d: every candidate needs at least one reference caption")
-    cand = [(_ngram_counts(t, n), len(t)) for t in map(ptb_tokenize, candidates)]
-    refs = [[(_ngram_counts(t, n), len(t)) for t in map(ptb_tokenize, rs)] for rs in references]
+    cand = [_ngram_counts(t, n) for t in candidates]
+    refs = [[_ngram_counts(t, n) for t in rs] for rs in references]
     # df counts each image's reference set once per n-gram, not each reference
     df = Counter(g for rs in refs for g in set().union(*(c.keys() for c, _ in rs)))
     # coco: log(float(len(crefs))) - log(max(1., df)); max(1, N) only guards log(0)

@@ -6,6 +6,7 @@ Run: python -m pytest -q tests/test_reliability.py"""
 import errno
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -45,9 +46,16 @@ def run(out, *flags, log=lambda *a: None):
 
 @pytest.fixture(scope="module")
 def full(tiny_cache, tmp_path_factory):
-    """The uninterrupted run: its results and the tensors of its final checkpoint."""
+    """The uninterrupted run: its results, the tensors of its final checkpoint, and its folder (read only: a test
+    that writes copies it, `own`)."""
     out = tmp_path_factory.mktemp("full")
-    return run(out), load_file(out / storage.CHECKPOINT)
+    return run(out), load_file(out / storage.CHECKPOINT), out
+
+
+def own(full, folder):
+    """A copy of the uninterrupted run's folder, as the run itself would have left it there."""
+    shutil.copytree(full[2], folder)
+    return folder
 
 
 def to_checkpoint(*args, **kwargs):
@@ -76,7 +84,7 @@ def test_a_run_killed_anywhere_resumes_to_the_same_results(full, tmp_path, monke
     assert calls["n"] == n                                                # it died where it was meant to
     monkeypatch.undo()
     resumed = run(tmp_path)
-    res, tensors = full
+    res, tensors, _ = full
     assert resumed["acc"] == res["acc"] and resumed["subspaces"] == res["subspaces"]
     assert resumed["routes"] == res["routes"] and resumed["gates"] == res["gates"]
     final = load_file(tmp_path / storage.CHECKPOINT)                    # global model, DKO cache: bit-identical
@@ -84,10 +92,8 @@ def test_a_run_killed_anywhere_resumes_to_the_same_results(full, tmp_path, monke
     assert sorted(p.name for p in tmp_path.iterdir() if ".tmp" in p.name) == []
 
 
-def test_the_checkpoint_is_one_file_holding_state_progress_and_fingerprint(full, tmp_path):
-    _, tensors = full
-    out = tmp_path / "one"
-    run(out)
+def test_the_checkpoint_is_one_file_holding_state_progress_and_fingerprint(full):
+    _, tensors, out = full
     meta = storage.checkpoint_meta(out)
     assert (meta["stage"], meta["round"]) == (4, 0) and len(meta["history"]["acc"]) == 4
     assert set(meta["fingerprint"]) == {"code", "threads", "data", "base", "partition"}
@@ -108,8 +114,7 @@ def test_threads_sets_torchs_thread_count_and_the_fingerprint_records_it(tiny_ca
 
 
 def test_a_refused_resume_names_the_field_and_touches_nothing(full, tmp_path):
-    out = tmp_path / "r"
-    run(out)
+    out = own(full, tmp_path / "r")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     with pytest.raises(ValueError, match=r"seed: 0 -> 1"):
         run(out, "--seed", "1")
@@ -117,8 +122,7 @@ def test_a_refused_resume_names_the_field_and_touches_nothing(full, tmp_path):
 
 
 def test_a_finished_run_says_so_and_keeps_its_files(full, tmp_path):
-    out = tmp_path / "f"
-    first = run(out)
+    out, first = own(full, tmp_path / "f"), full[0]
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     lines = []
     again = run(out, log=lines.append)
