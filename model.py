@@ -178,8 +178,8 @@ def load_chat(path, kind, *, dtype=torch.float32, device="cpu"):
 
 def checkpoint_activations(model):
     """Gradient checkpointing (non-reentrant: the recomputed forward replays the same dropout draws, so no number
-    changes): transformers 5.x up to 5.2x names it gradient_checkpointing_enable, later releases
-    activation_checkpointing_enable and deprecate the old name; use whichever this release has."""
+    changes). transformers 5.17 (the GPU machine's) has only gradient_checkpointing_enable; 5.25 adds
+    activation_checkpointing_enable and deprecates the old name: use the new one where it exists."""
     enable = getattr(model, "activation_checkpointing_enable", None)
     if enable is not None:
         return enable(activation_checkpointing_kwargs={"use_reentrant": False})

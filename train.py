@@ -146,8 +146,8 @@ def parse_args(argv=None):
     ap.add_argument("--micro-batch", type=int, help="examples per forward pass; gradients accumulate to --batch-size")
     ap.add_argument("--eval-batch", type=int, help=f"test questions answered together (default {F.eval_batch})")
     ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
-                    help=f"recompute activations in the backward pass: half the memory, 1.5x the time of a 7B step "
-                         f"(default {R.gradient_checkpointing}; off in --preset paper)")
+                    help=f"recompute activations in the backward pass: a half to a third of the memory for "
+                         f"1.5-1.7x the time of a 7B step (default {R.gradient_checkpointing}; off in --preset paper)")
     ap.add_argument("--aggregate", choices=list(fcit.AGGREGATIONS),
                     help="LoRA aggregation inside a subspace (default: the method's choice, ab for ewc and "
                          + ", ".join(STATEFUL) + ", svd otherwise)")

@@ -213,6 +213,9 @@ def test_a_preset_sets_its_fields_and_keeps_the_other_defaults():
     (["--seed", "3"], ("seed",), 3),
     (["--lora-dropout", "0"], ("lora_dropout",), 0.0),
     (["--parallel", "balanced"], ("parallel",), "balanced"),
+    (["--gradient-checkpointing"], ("gradient_checkpointing",), True),
+    (["--preset", "paper", "--gradient-checkpointing"], ("gradient_checkpointing",), True),   # the preset has it off
+    (["--preset", "paper", "--no-gradient-checkpointing"], ("gradient_checkpointing",), False),
 ])
 def test_a_flag_given_reaches_its_config_field_also_when_falsy(flags, field, value):
     cfg = train.resolve(train.parse_args(flags))
