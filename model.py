@@ -176,13 +176,15 @@ def load_chat(path, kind, *, dtype=torch.float32, device="cpu"):
     return model, ChatProcessor(tokenizer, images, template, kind=kind, tokens_per_tile=tiles)
 
 
-def checkpoint_activations(model):
-    """Gradient checkpointing (non-reentrant: the recomputed forward replays the same dropout draws, so no number
-    changes). transformers 5.17 (the GPU machine's) has only gradient_checkpointing_enable; 5.25 adds
-    activation_checkpointing_enable and deprecates the old name: use the new one where it exists."""
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    if enable is not None:
-        return enable(activation_checkpointing_kwargs={"use_reentrant": False})
+def checkpoint_activations(model, on=True):
+    """Gradient checkpointing on or off (non-reentrant: the recomputed forward replays the same dropout draws, so
+    no number changes). transformers 5.17 (the GPU machine's) names it gradient_checkpointing_*; 5.25 adds
+    activation_checkpointing_* and deprecates the old names: use the new ones where they exist."""
+    new = hasattr(model, "activation_checkpointing_enable")
+    if not on:
+        return model.activation_checkpointing_disable() if new else model.gradient_checkpointing_disable()
+    if new:
+        return model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 

@@ -101,13 +101,9 @@ PRESETS = {
                  ewc=dict(fisher_examples=4),
                  fed=dict(num_clients=6, clients_per_round=2, rounds=1, min_size=2, eval_batch=8, max_new_tokens=12)),
     # the paper's hyperparameters (fcit-paper-notes.md 1.3, 1.5, 4; the official code): global batch 128 (64 in
-    # the capability settings), answers up to 128 tokens (each task's answer length, metrics.answer_lengths), and
-    # the projector at the LoRA rate 2e-4: the scripts pass --mm_projector_lr 2e-5, but the official trainer builds
-    # no projector group, so the flag never reaches the optimizer; we follow what the code does. How the batch is
-    # computed changes no number and is chosen for speed (`python -m scripts.bench_gpu`, LLaVA-1.5-7B's shapes, one
-    # H200): micro-batches of 4 without gradient checkpointing, 9,585 tokens/s at 33 GiB, against 6,349-6,999 at
-    # 18 GiB for the official micro-batch 8 with checkpointing (--gradient-checkpointing: cards under 40 GB); test
-    # questions 64 a batch, 39-66 ms a question at 40 GiB against 53-100 at 32 (--eval-batch 8 on a 24 GB card)
+    # the capability settings), answers up to 128 tokens, the projector at the LoRA rate (the official trainer
+    # never uses --mm_projector_lr). How a batch is computed changes no number and is chosen for speed on an H200
+    # (README, scripts.bench_gpu): micro-batches of 4 without checkpointing, 1.4-1.5x the official recipe's rate
     "paper": dict(gradient_checkpointing=False,
                   fed=dict(num_clients=50, clients_per_round=5, rounds=10, local_epochs=1, lr=2e-4, projector_lr=2e-4,
                            warmup=0.03, batch_size=128, micro_batch=4, max_new_tokens=128, eval_batch=64)),
@@ -190,11 +186,10 @@ def resolve(args) -> RunConfig:
     flags fail here, before any work."""
     name = RunConfig.preset if args.preset is None else args.preset
     preset = json.loads(json.dumps(PRESETS[name]))
-    fed = preset.pop("fed", {})
-    methods = {k: preset.pop(k) for k in ("ewc", "lwf", "olora") if k in preset}   # a method's own config
+    # a nested config (fed, disco, server, a method's): the preset's fields, then its flags
+    nested = {k: preset.pop(k) for k in list(preset) if isinstance(preset[k], dict)}
+    fed = nested.pop("fed", {})
     cfg = RunConfig(**{**preset, **given(args, RUN_FLAGS), "preset": name})
-    for k, v in methods.items():
-        setattr(cfg, k, type(getattr(cfg, k))(**v))
     if cfg.method not in METHODS:
         raise ValueError(f"--method {cfg.method!r} is unknown; choose one of {', '.join(METHODS)}")
     setting = get_setting(cfg.setting)
@@ -202,10 +197,11 @@ def resolve(args) -> RunConfig:
         cfg.rank, cfg.alpha = 32, 64.0                                   # paper: 4 subspaces of rank 8
     if setting.name.startswith("cap") and cfg.preset == "paper":
         fed["batch_size"] = 64                                           # paper: 16 per GPU x 4 GPUs
-    cfg.server = ServerConfig(**given(args, SERVER_FLAGS))
+    flags = {"server": given(args, SERVER_FLAGS), "disco": given(args, DISCO_FLAGS)}
+    for k in nested.keys() | flags.keys():
+        setattr(cfg, k, type(getattr(cfg, k))(**{**nested.get(k, {}), **flags.get(k, {})}))
     # --aggregate left out: the method's choice, ab where its state or the server's is in factor coordinates
     cfg.fed = FedConfig(**{"aggregate": "svd" if factor_state(cfg) is None else "ab", **fed, **given(args, FED_FLAGS)})
-    cfg.disco = fcit.DiscoConfig(**given(args, DISCO_FLAGS))
     cfg.system = VICUNA_SYSTEM if cfg.model else BaseConfig.system     # the prompt the base was trained with
     validate(cfg)
     if cfg.device == "cuda" and not torch.cuda.is_available():

@@ -143,10 +143,7 @@ def gpu(args):
     for attn in args.attn:
         model.set_attn_implementation(attn)
         for ckpt in args.checkpointing:
-            if ckpt == "on":
-                M.checkpoint_activations(model)
-            else:
-                (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+            M.checkpoint_activations(model, on=ckpt == "on")
             for mb in args.micro_batch:
                 row = {"attn": attn, "checkpointing": ckpt, "micro_batch": mb}
                 if time.perf_counter() - start > args.budget:
