@@ -1,6 +1,7 @@
 """DISCO, the method of Federated Continual Instruction Tuning (Guo et al., ICCV 2025, arXiv:2503.12897): its two
 parts, Dynamic Knowledge Organization and Subspace Selective Activation, as a pure,
-model-agnostic core. Tensors in, tensors out; no model, no optimizer, no files.
+model-agnostic core. Tensors in, tensors out; no model, no optimizer, no files. The last section, `DiscoStrategy`,
+is what DISCO decides in federated.py's loop (layout, routing, gate, report), written with these functions.
 
 Concepts (the names are the paper's and are used the same way in every file):
   identity token   a client's mean feature of its training instructions (frozen text encoder)
@@ -29,7 +30,7 @@ Where we depart from the official code (notes 2.2, "code quirks we do not copy")
   - no routing state is parked on layers: the gate is bound on the LoRA layers only for the duration of one
     forward by `lora.gated` (a context manager that restores the previous gate), and forward only reads it.
 
-Tests: python -m pytest -q tests/test_fcit.py
+Tests: python -m pytest -q tests/test_fcit.py tests/test_federated.py (aggregation, DiscoStrategy)
 """
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ class DiscoConfig:
     # Last at task-hom seed 2, where every-round gave one task a spurious second subspace and filled the cap
     open: str = "first-round"
     # K_max, the most subspaces DKO may open, is not a field: it is the number of subspaces the LoRA layers hold,
-    # rank / subspace_rank (federated.Disco.lora_layout)
+    # rank / subspace_rank (DiscoStrategy.lora_layout)
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
@@ -247,6 +248,37 @@ def aggregate_subspace(As: list[Tensor], Bs: list[Tensor], weights: Tensor, *, r
     raise ValueError(f"fcit.aggregate_subspace: unknown mode {mode!r}; use one of {AGGREGATIONS}")
 
 
+def fedavg(states: list[dict], weights) -> dict:
+    """sum_i p_i theta_i with p = n_i / sum n (FedAvg weighted by sample count), tensor by tensor."""
+    p = torch.as_tensor(weights, dtype=torch.float64)
+    p = p / p.sum()
+    return {k: sum(pi * s[k].double() for pi, s in zip(p, states)).to(states[0][k].dtype) for k in states[0]}
+
+
+def aggregate(global_state: dict, states: list[dict], weights, subspaces: list[int], *,
+              factors: dict[str, tuple[str, str]], mode: str) -> tuple[dict, float]:
+    """(the new global state, the mean update energy svd dropped). LoRA factors (factors: {layer: (key of A
+    (K, R, I), key of B (K, O, R))}): per subspace, only the clients routed to it (DKO), with aggregate_subspace;
+    subspaces no client trained this round keep their global value, and different subspaces never mix. Every
+    other tensor (the projector): FedAvg over all clients."""
+    keys = {k for ab in factors.values() for k in ab}
+    other = [k for k in global_state if k not in keys]
+    new = dict(global_state)
+    if other:
+        new.update(fedavg([{k: s[k] for k in other} for s in states], weights))
+    dropped = []
+    routed = {k: [i for i, s in enumerate(subspaces) if s == k] for k in sorted(set(subspaces))}
+    for a_key, b_key in factors.values():
+        A, B = new[a_key].clone(), new[b_key].clone()                                  # (K, R, I), (K, O, R)
+        for k, idx in routed.items():
+            A[k], B[k], e = aggregate_subspace([states[i][a_key][k] for i in idx], [states[i][b_key][k] for i in idx],
+                                               torch.tensor([float(weights[i]) for i in idx]), rank=A.shape[1],
+                                               mode=mode)
+            dropped.append(e)
+        new[a_key], new[b_key] = A, B
+    return new, sum(dropped) / len(dropped) if dropped else 0.0
+
+
 # ---- Subspace Selective Activation
 
 def activation_weights(queries: Tensor, tokens: Tensor, *, temperature: float, mode: str = "softmax") -> Tensor:
@@ -278,3 +310,78 @@ def pad_gate(gate: Tensor, num_subspaces: int) -> Tensor:
     if gate.shape[-1] > num_subspaces:
         raise ValueError(f"fcit.pad_gate: the gate has {gate.shape[-1]} subspaces, the layers only {num_subspaces}")
     return F.pad(gate, (0, num_subspaces - gate.shape[-1]))  # (B, K)
+
+
+# ---- DISCO as a strategy of the federated loop
+
+class DiscoStrategy:
+    """DISCO's answers to the strategy protocol of federated.py's loop, mixed into its plain strategy there
+    (`class Disco(fcit.DiscoStrategy, Finetune)`): the LoRA layout (K_max subspaces), DKO routing each client to a
+    subspace by its identity token before it trains (route_clients), SSA gating the subspaces per test question
+    (activation_weights), and what DISCO reports and checkpoints. Aggregation stays inside a subspace (the loop's).
+    From its host it reads self.harness.encode_text / encode_images (the frozen encoders of identity tokens),
+    self.hp (DiscoConfig), self.log, self.detail and self.num_subspaces()."""
+    name = "disco"
+
+    @staticmethod
+    def lora_layout(*, rank, subspace_rank, num_stages):
+        # K_max = rank / subspace_rank subspaces (paper: 8 of rank 8 task-related, 4 of rank 8 capability-related);
+        # DKO opens them as tasks arrive and shares the nearest one when all are open
+        if rank % subspace_rank:
+            raise ValueError(f"rank {rank} is not a multiple of subspace_rank {subspace_rank}")
+        return rank // subspace_rank, subspace_rank
+
+    def __init__(self, model, harness, cfg, *, hp: DiscoConfig | None = None, log=print, detail=None):
+        super().__init__(model, harness, cfg, hp=hp or DiscoConfig(), log=log, detail=detail)   # the host's
+        self.cache = None                                             # TokenCache, created at the first round
+
+    def features(self, examples):
+        """Frozen features of examples: the instruction through the text encoder (the paper's identity), the image
+        through the frozen vision tower for the ablation (--identity image | both; each part L2-normalized before
+        they are concatenated)."""
+        parts = []
+        if self.hp.identity in ("text", "both"):
+            parts.append(self.harness.encode_text([e.question for e in examples]))
+        if self.hp.identity in ("image", "both"):
+            parts.append(self.harness.encode_images(examples))
+        return torch.cat([F.normalize(p, dim=-1) for p in parts], -1)                            # (N, D)
+
+    def assign(self, stage, round, jobs):
+        tokens = torch.stack([identity_token(self.features(ex)) for _, _, ex in jobs])          # (C, D)
+        counts = [len(ex) for _, _, ex in jobs]
+        if self.cache is None:
+            self.cache = TokenCache.empty(tokens.shape[1])
+        subspaces, self.cache, lines = route_clients(tokens, counts, self.cache, threshold=self.hp.threshold,
+                                                     max_subspaces=self.num_subspaces(),
+                                                     client_ids=[c for c, _, _ in jobs],
+                                                     open_new=may_open(self.hp.open, round))
+        for line, (_, task, _) in zip(lines, jobs):
+            # a client that had to join although no subspace matched is a forgetting risk: always said
+            (self.log if "cap of" in line else self.detail)(f"  DKO {line} [{task}]")
+        return subspaces
+
+    def eval_gate(self, examples):
+        if self.cache is None or len(self.cache) == 0:
+            return torch.zeros(len(examples), self.num_subspaces())
+        a = activation_weights(self.features(examples), self.cache.tokens, temperature=self.hp.temperature,
+                               mode=self.hp.activation)                                         # (B, K_open)
+        return pad_gate(a, self.num_subspaces())                                                # (B, K)
+
+    def open_subspaces(self):
+        return 0 if self.cache is None else len(self.cache)
+
+    def report(self, history):
+        final = history["gates"][-1] if history["gates"] else {}     # task -> mean gate over subspaces
+        if not final:
+            return {}
+        routes = history["routes"]                                    # task -> the subspaces its clients trained
+        # own_gate: the gate mass a task's test questions put on the subspace(s) its own clients trained
+        own = {t: round(sum(final[t][k] for k in routes.get(t, [])), 4) for t in final}
+        return {"gates": final, "routes": routes, "own_gate": own}
+
+    def state(self):
+        return {} if self.cache is None else {"disco.tokens": self.cache.tokens, "disco.counts": self.cache.counts}
+
+    def load(self, state):
+        if "disco.tokens" in state:
+            self.cache = TokenCache(state["disco.tokens"].float(), state["disco.counts"].long())

@@ -7,11 +7,11 @@ far. Client states are dicts of tensors in memory; nothing is written per client
 
 What a continual-learning method decides is a strategy: its LoRA layout, which subspace a client trains, an extra
 local loss, how updates are aggregated, the gate a test question puts on the subspaces, and what it reports.
-`Finetune` (one LoRA, FedAvg) is the plain strategy every other one extends; `Disco` routes clients with Dynamic
-Knowledge Organization and gates test questions with Subspace Selective Activation (fcit.py); the baselines and
-the server optimizers are in baselines/. What depends on the model (building a batch, generating, scoring, the
-frozen encoders of identity tokens) and the evaluation protocol (metrics.py) arrive as a `Harness` from train.py:
-this file imports only fcit and lora.
+`Finetune` (one LoRA, FedAvg) is the plain strategy every other one extends; `Disco` is Finetune with DISCO's
+answers (fcit.DiscoStrategy): it routes clients with Dynamic Knowledge Organization and gates test questions with
+Subspace Selective Activation; the baselines and the server optimizers are in baselines/. What depends on the model
+(building a batch, generating, scoring, the frozen encoders of identity tokens) and the evaluation protocol
+(metrics.py) arrive as a `Harness` from train.py: this file imports only fcit and lora.
 
     python train.py --setting task-hom --method finetune
 Tests: python -m pytest tests/test_federated.py
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 import fcit
-from lora import LoRALinear, gated, lora_modules, split_factor
+from lora import LoRALinear, factor_keys, gated, lora_modules
 
 # B batch, C clients of a round, K subspaces, R rank, D feature width
 
@@ -190,47 +190,13 @@ def add_losses(*fns):
     return lambda model, batch, outputs=None: sum(f(model, batch, outputs) for f in fns)
 
 
-# ---------------------------------------------------------------------------- server aggregation
-def fedavg(states, weights):
-    """sum_i p_i theta_i with p = n_i / sum n (FedAvg weighted by sample count)."""
-    p = torch.as_tensor(weights, dtype=torch.float64)
-    p = p / p.sum()
-    return {k: sum(pi * s[k].double() for pi, s in zip(p, states)).to(states[0][k].dtype) for k in states[0]}
-
-
-def aggregate(global_state, states, weights, subspaces, *, mode, log=None):
-    """The new global state. Non-LoRA parameters (projector): FedAvg over all clients. LoRA factors: per subspace,
-    only the clients routed to it, with fcit.aggregate_subspace ('svd' exact update or 'ab' factor average);
-    subspaces no client trained this round keep their global value (different subspaces never mix)."""
-    layers = sorted({split_factor(k)[0] for k in global_state if split_factor(k)})
-    other = [k for k in global_state if not split_factor(k)]
-    new = dict(global_state)
-    if other:
-        new.update(fedavg([{k: s[k] for k in other} for s in states], weights))
-    dropped = []
-    routed = {k: [i for i, s in enumerate(subspaces) if s == k] for k in sorted(set(subspaces))}
-    for name in layers:
-        A, B = new[name + ".A"].clone(), new[name + ".B"].clone()             # (K, R, I), (K, O, R)
-        for k, idx in routed.items():
-            a, b, e = fcit.aggregate_subspace([states[i][name + ".A"][k] for i in idx],
-                                              [states[i][name + ".B"][k] for i in idx],
-                                              torch.tensor([float(weights[i]) for i in idx]),
-                                              rank=A.shape[1], mode=mode)
-            A[k], B[k] = a, b
-            dropped.append(e)
-        new[name + ".A"], new[name + ".B"] = A, B
-    if log and mode == "svd" and dropped:
-        log(f"  svd aggregation dropped {100 * float(np.mean(dropped)):.2f}% of the update energy (mean over layers)")
-    return new
-
-
 # ---------------------------------------------------------------------------- strategies
 class Finetune:
     """Finetune: one LoRA (K = 1) trained by every client and aggregated with FedAvg; no gate at inference.
     Every other method is this class with some of its answers changed."""
     name = "finetune"
     layer = LoRALinear                                                # the LoRA layer class add_lora wraps with
-    factor_state = None         # what it keeps in LoRA-factor coordinates across rounds: needs ab (train.factor_state)
+    factor_state = None     # what it keeps in LoRA-factor coordinates across rounds: needs ab (config/run.py)
 
     @staticmethod
     def lora_layout(*, rank, subspace_rank, num_stages):
@@ -258,7 +224,12 @@ class Finetune:
         return None
 
     def aggregate(self, global_state, states, weights, subspaces):
-        return aggregate(global_state, states, weights, subspaces, mode=self.cfg.aggregate, log=self.detail)
+        """The new global state: fcit.aggregate (LoRA per subspace, the rest by FedAvg) in the run's mode."""
+        new, dropped = fcit.aggregate(global_state, states, weights, subspaces, factors=factor_keys(global_state),
+                                      mode=self.cfg.aggregate)
+        if self.cfg.aggregate == "svd":
+            self.detail(f"  svd aggregation dropped {100 * dropped:.2f}% of the update energy (mean over layers)")
+        return new
 
     def trained_subspaces(self, subspaces):
         """The subspaces the round's clients changed (where a server optimizer may step)."""
@@ -286,73 +257,9 @@ class Finetune:
         pass
 
 
-class Disco(Finetune):
-    """DISCO: DKO routes each client to a subspace by its identity token before it trains (fcit.route_clients);
-    aggregation stays inside a subspace; SSA gates the subspaces per test question (fcit.activation_weights)."""
-    name = "disco"
-
-    @staticmethod
-    def lora_layout(*, rank, subspace_rank, num_stages):
-        # K_max = rank / subspace_rank subspaces (paper: 8 of rank 8 task-related, 4 of rank 8 capability-related);
-        # DKO opens them as tasks arrive and shares the nearest one when all are open
-        if rank % subspace_rank:
-            raise ValueError(f"rank {rank} is not a multiple of subspace_rank {subspace_rank}")
-        return rank // subspace_rank, subspace_rank
-
-    def __init__(self, model, harness, cfg, *, hp: fcit.DiscoConfig | None = None, log=print, detail=None):
-        super().__init__(model, harness, cfg, hp=hp or fcit.DiscoConfig(), log=log, detail=detail)
-        self.cache = None                                             # fcit.TokenCache, created at the first round
-
-    def features(self, examples):
-        """Frozen features of examples: the instruction through the text encoder (the paper's identity), the image
-        through the frozen vision tower for the ablation (--identity image | both; each part L2-normalized before
-        they are concatenated)."""
-        parts = []
-        if self.hp.identity in ("text", "both"):
-            parts.append(self.harness.encode_text([e.question for e in examples]))
-        if self.hp.identity in ("image", "both"):
-            parts.append(self.harness.encode_images(examples))
-        return torch.cat([torch.nn.functional.normalize(p, dim=-1) for p in parts], -1)          # (N, D)
-
-    def assign(self, stage, round, jobs):
-        tokens = torch.stack([fcit.identity_token(self.features(ex)) for _, _, ex in jobs])   # (C, D)
-        counts = [len(ex) for _, _, ex in jobs]
-        if self.cache is None:
-            self.cache = fcit.TokenCache.empty(tokens.shape[1])
-        subspaces, self.cache, lines = fcit.route_clients(tokens, counts, self.cache, threshold=self.hp.threshold,
-                                                          max_subspaces=self.num_subspaces(),
-                                                          client_ids=[c for c, _, _ in jobs],
-                                                          open_new=fcit.may_open(self.hp.open, round))
-        for line, (_, task, _) in zip(lines, jobs):
-            # a client that had to join although no subspace matched is a forgetting risk: always said
-            (self.log if "cap of" in line else self.detail)(f"  DKO {line} [{task}]")
-        return subspaces
-
-    def eval_gate(self, examples):
-        if self.cache is None or len(self.cache) == 0:
-            return torch.zeros(len(examples), self.num_subspaces())
-        a = fcit.activation_weights(self.features(examples), self.cache.tokens, temperature=self.hp.temperature,
-                                    mode=self.hp.activation)                                    # (B, K_open)
-        return fcit.pad_gate(a, self.num_subspaces())                                           # (B, K)
-
-    def open_subspaces(self):
-        return 0 if self.cache is None else len(self.cache)
-
-    def report(self, history):
-        final = history["gates"][-1] if history["gates"] else {}     # task -> mean gate over subspaces
-        if not final:
-            return {}
-        routes = history["routes"]                                    # task -> the subspaces its clients trained
-        # own_gate: the gate mass a task's test questions put on the subspace(s) its own clients trained
-        own = {t: round(sum(final[t][k] for k in routes.get(t, [])), 4) for t in final}
-        return {"gates": final, "routes": routes, "own_gate": own}
-
-    def state(self):
-        return {} if self.cache is None else {"disco.tokens": self.cache.tokens, "disco.counts": self.cache.counts}
-
-    def load(self, state):
-        if "disco.tokens" in state:
-            self.cache = fcit.TokenCache(state["disco.tokens"].float(), state["disco.counts"].long())
+class Disco(fcit.DiscoStrategy, Finetune):
+    """DISCO: fcit.DiscoStrategy's answers (layout, DKO routing, SSA gate, report) over Finetune's (one aggregation
+    per subspace, the loop's protocol)."""
 
 
 # ---------------------------------------------------------------------------- the loop

@@ -192,6 +192,12 @@ def split_factor(key: str) -> tuple[str, str] | None:
     return (module, leaf) if module and leaf in FACTORS else None
 
 
+def factor_keys(state: dict) -> dict[str, tuple[str, str]]:
+    """{LoRA module name: (its A's key, its B's key)} of a state dict, in sorted order (what aggregation reads)."""
+    layers = sorted({split_factor(k)[0] for k in state if split_factor(k)})
+    return {n: (f"{n}.A", f"{n}.B") for n in layers}
+
+
 @contextlib.contextmanager
 def gated(model: nn.Module, gate: torch.Tensor | None):
     """Bind `gate` ((K,) or (B, K)) on every LoRALinear for the duration of the block, then restore the

@@ -1,7 +1,7 @@
 """Metrics for FCIT (arXiv:2503.12897): the one place that turns predictions into scores and results into the
 accuracy matrix, Last / Avg / forgetting, with the formulas written down.
 
-Four sections:
+Three sections (the heatmaps of the matrices are drawn in storage/results.py):
   1. answer rules, per sample: exact match, substring (FigureQA, DVQA), Acc@IoU>0.5 (Grounding), and CIDEr-D
      (Flickr30k; Vedantam et al. 2015, "CIDEr: Consensus-based Image Description Evaluation", as implemented
      in coco-caption / pycocoevalcap `cider_scorer.py`), and the embedded benchmark's caption-relative (CIDEr-D
@@ -11,7 +11,6 @@ Four sections:
   3. the evaluation after a stage: every test question of every seen task, each answered under the gate its own
      question gets (DISCO's SSA, or none), scored with its dataset's rule (`evaluate_tasks`), generating at most
      the task's answer length (`answer_lengths`).
-  4. heatmaps drawn with pillow: the stages x tasks accuracy matrix, the tasks x subspaces activation.
 
     task_score("exact", ["Cat "], ["cat"])                      # 100.0
     summarize([{"a": 80.0}, {"a": 60.0, "b": 90.0}])            # last 75.0, avg 77.5, forgetting {"a": 20.0}
@@ -21,13 +20,11 @@ Tests: python -m pytest tests/test_metrics.py
 import functools
 import math
 import re
-from collections import Counter
-
 import time
+from collections import Counter
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
 # ---- 1. Answer rules --------------------------------------------------------------------------------------
 # Source for exact / substring / IoU: the official FCIT eval scripts (notes 1.1). All compare after strip().
@@ -277,7 +274,7 @@ def accuracy_matrix(acc: list[dict[str, float]], tasks: list[str]) -> np.ndarray
 
 # ---- 3. Evaluation after a stage ----------------------------------------------------------------------------
 # answer(examples, gate) -> predictions is the model's greedy decoding under `gate` (train.py binds it on the LoRA
-# layers); gate_of(examples) -> (B, K) or None is the method's gate (federated.Disco.eval_gate: SSA, per question).
+# layers); gate_of(examples) -> (B, K) or None is the method's gate (fcit.DiscoStrategy.eval_gate: SSA, per question).
 
 
 def answer_lengths(data, tokenizer, cap):
@@ -327,77 +324,3 @@ def evaluate_tasks(answer, gate_of, data, tasks, *, rules: dict, batch: int, log
             log(f"  evaluated {n + 1}/{len(tasks)} {task}: {task_scores[task]:.1f} "
                 f"({questions} questions, {time.time() - t0:.1f}s)")
     return task_scores, dataset_scores, task_gates
-
-
-# ---- 4. Heatmaps with pillow ------------------------------------------------------------------------------
-CELL_W, CELL_H, PAD = 80, 28, 8  # pixels; 80 px fits "super-CLEVR" at 13 px, longer labels wrap or are cut
-NAN_COLOR = (224, 224, 224)  # light gray: not evaluated
-LOW, HIGH = np.array([255, 255, 255]), np.array([8, 69, 148])  # white -> blue
-
-
-def _font(size: int = 13):
-    try:
-        return ImageFont.load_default(size=size)  # scalable font, pillow >= 10.1 with FreeType
-    except (TypeError, ImportError, OSError):
-        return ImageFont.load_default()  # older pillow: the fixed bitmap font
-
-
-def _fit(text: str, font, width: int) -> str:
-    # cut a label to `width` pixels, marking the cut with a trailing "."
-    if font.getlength(text) <= width:
-        return text
-    while len(text) > 1 and font.getlength(text + ".") > width:
-        text = text[:-1]
-    return text + "."
-
-
-def _lines(text: str, font, width: int) -> list[str]:
-    # one line if it fits; else two, split after the last "-" / space that lets the first part fit; else cut
-    if font.getlength(text) <= width:
-        return [text]
-    for i in range(len(text) - 1, 0, -1):
-        if text[i] in "- " and font.getlength(text[:i + 1].rstrip()) <= width:
-            return [text[:i + 1].rstrip(), _fit(text[i + 1:].lstrip(), font, width)]
-    return [_fit(text, font, width)]
-
-
-def draw_matrix(path, values: np.ndarray, row_labels: list[str], col_labels: list[str], *, title: str,
-                vmax: float = 100.0, fmt: str = "{:.1f}") -> None:
-    """Write a heatmap PNG: one cell per value (white -> blue by value / vmax), the value printed in the cell,
-    light gray for nan; row labels left, column labels on top (two lines or cut to fit), the title above."""
-    values = np.asarray(values, dtype=float)  # (R, C)
-    if values.shape != (len(row_labels), len(col_labels)):
-        raise ValueError(f"draw_matrix: values {values.shape} but {len(row_labels)} row and "
-                         f"{len(col_labels)} column labels")
-    font, title_font = _font(13), _font(16)
-    line_h = font.getbbox("Ag")[3] + 3
-    rows = [_fit(s, font, 200) for s in row_labels]
-    cols = [_lines(s, font, CELL_W - 2) for s in col_labels]
-    left = PAD + max([int(font.getlength(s)) for s in rows] + [0]) + PAD
-    title_h = title_font.getbbox(title or "A")[3] + 2 * PAD
-    top = title_h + max([len(c) for c in cols] + [1]) * line_h + PAD
-    width = max(left + CELL_W * len(cols) + PAD, int(title_font.getlength(title)) + 2 * PAD)
-    height = top + CELL_H * len(rows) + PAD
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    draw.text((PAD, PAD), title, fill="black", font=title_font)
-    for c, lines in enumerate(cols):
-        for i, line in enumerate(lines):
-            x = left + c * CELL_W + (CELL_W - 2 - font.getlength(line)) / 2
-            draw.text((x, top - PAD - (len(lines) - i) * line_h), line, fill="black", font=font)
-    for r, label in enumerate(rows):
-        y = top + r * CELL_H + (CELL_H - line_h) / 2
-        draw.text((left - PAD - font.getlength(label), y), label, fill="black", font=font)
-        for c in range(len(cols)):
-            v = values[r, c]
-            x0, y0 = left + c * CELL_W, top + r * CELL_H
-            box = (x0, y0, x0 + CELL_W - 2, y0 + CELL_H - 2)  # a 2 px white grid between cells
-            if np.isnan(v):
-                draw.rectangle(box, fill=NAN_COLOR)
-                continue
-            frac = min(max(v / vmax, 0.0), 1.0) if vmax > 0 else 0.0
-            draw.rectangle(box, fill=tuple(int(x) for x in np.round(LOW + frac * (HIGH - LOW))))
-            text = fmt.format(v)
-            draw.text((box[0] + (CELL_W - 2 - font.getlength(text)) / 2, y), text,
-                      fill="white" if frac > 0.55 else "black", font=font)
-    img.save(path)

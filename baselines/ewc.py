@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from federated import Finetune, add_losses, client_state, fedavg, load_client_state, strip_prefix
+from fcit import fedavg
+from federated import Finetune, add_losses, client_state, load_client_state, strip_prefix
 
 
 @dataclass
@@ -64,7 +65,7 @@ def ewc_penalty(fisher: dict[str, Tensor], anchor: dict[str, Tensor], *, lam: fl
 
 class EWC(Finetune):
     name = "ewc"
-    factor_state = "its anchor and Fisher"  # per coordinate of A and B: needs --aggregate ab (train.factor_state)
+    factor_state = "its anchor and Fisher"  # per coordinate of A and B: needs --aggregate ab (config/run.py, factor_state)
 
     def __init__(self, model, harness, cfg, *, hp: EWCConfig | None = None, **kw):
         super().__init__(model, harness, cfg, hp=hp or EWCConfig(), **kw)

@@ -15,8 +15,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from federated import Disco, Finetune, aggregate
-from lora import LoRALinear, add_update, expand_gate
+import fcit
+from federated import Disco, Finetune
+from lora import LoRALinear, add_update, expand_gate, factor_keys
 
 # D_in / D_out widths, R rank per expert, E experts
 
@@ -52,7 +53,7 @@ class MoELoRALinear(LoRALinear):
 
 class MoELoRA(Finetune):
     """Every client trains every expert and the router (no train gate); each expert is aggregated over all clients
-    (federated.aggregate per subspace), the router and projector by FedAvg; no gate at inference (the router decides)."""
+    (fcit.aggregate per subspace), the router and projector by FedAvg; no gate at inference (the router decides)."""
     name = "moelora"
     layer = MoELoRALinear
     lora_layout = staticmethod(Disco.lora_layout)  # E experts of DISCO's subspace rank: the same budget as DISCO
@@ -63,7 +64,8 @@ class MoELoRA(Finetune):
     def aggregate(self, global_state, states, weights, subspaces):
         new = global_state
         for k in range(self.num_subspaces()):
-            new = aggregate(new, states, weights, [k] * len(states), mode=self.cfg.aggregate)
+            new, _ = fcit.aggregate(new, states, weights, [k] * len(states), factors=factor_keys(new),
+                                    mode=self.cfg.aggregate)
         return new
 
     def trained_subspaces(self, subspaces):

@@ -23,7 +23,7 @@ Subspaces (DISCO): every rule is elementwise, so it applies to every tensor of t
 client trained this round must not move, or old momentum would drift a task's subspace after its clients are
 gone. `subspace_mask` says where the server may step; outside it x, m and v are kept exactly as they were (a lazy,
 sparse-Adam-like update). Momentum on LoRA factors needs factors that stay comparable across rounds, that is
-`--aggregate ab`; with `svd` the factors are re-factored every round (train.resolve refuses that combination).
+`--aggregate ab`; with `svd` the factors are re-factored every round (config/run.py's resolve refuses that combination).
 
 `ServerOptimizer(strategy, cfg)` puts a server on top of any strategy (Finetune, DISCO, a baseline): it changes
 the aggregate, adds FedProx's local term, and keeps the moments in the checkpoint; everything else is the wrapped

@@ -13,8 +13,9 @@ from dataclasses import replace
 
 import numpy as np
 
-from embedded.benchmark import (BACKGROUNDS, BOX, COLORS, DATASETS, GENRES, GLYPHS, GRID, INK, NAMES, RESEMBLES,
-                                SHAPES, SPAN, STYLES, Scene, describe, look, pick, placed, render)
+from embedded.benchmark import (BACKGROUNDS, BOX, COLORS, DATASETS, GENRES, INK, NAMES, RESEMBLES, SHAPES, SPAN,
+                                STYLES, Scene, describe, look, pick, placed, render)
+from embedded.draw import GLYPHS, GRID
 
 BASE_VERSION = 8  # bump when the pretraining mixture or the vocabulary changes: the base cache folder is keyed by it
 

@@ -20,8 +20,9 @@ import traceback
 
 import numpy as np
 
-import metrics
 import train
+from config.run import STRATEGIES
+from storage.results import draw_matrix
 
 METHODS = ["zeroshot", "mtl", "finetune", "ewc", "lwf", "olora", "moelora", "disco"]  # the paper's row order
 SETTINGS = ["task-hom", "task-het", "cap-hom", "cap-het"]
@@ -119,7 +120,7 @@ def write_table(root, *, methods, settings, betas, seeds, log=print):
         last = np.array([[np.mean([r["last"] for r in found[(m, st)]]) if found[(m, st)] else np.nan
                           for st in settings] for m in methods])                              # (methods, settings)
         png = os.path.join(root, "table.png" if len(betas) == 1 else f"table_b{beta:g}.png")
-        metrics.draw_matrix(png, last, methods, settings, title=f"Last (%), beta {beta:g}, mean over seeds")
+        draw_matrix(png, last, methods, settings, title=f"Last (%), beta {beta:g}, mean over seeds")
         images.append(png)
     text = "\n\n".join(sections + [paper_markdown(methods)]) + "\n"
     path = os.path.join(root, "table.md")
@@ -143,8 +144,8 @@ def main(argv=None, log=print):
     ap.add_argument("--table-only", action="store_true", help="only rebuild the table from finished runs")
     a = ap.parse_args(argv)
     for m in a.methods:
-        if m not in train.METHODS:
-            raise ValueError(f"--methods: {m!r} is unknown; choose from {', '.join(train.METHODS)}")
+        if m not in STRATEGIES:
+            raise ValueError(f"--methods: {m!r} is unknown; choose from {', '.join(STRATEGIES)}")
     for s in a.settings:
         train.get_setting(s)                                       # raises with the choices
     os.makedirs(a.root, exist_ok=True)

@@ -13,7 +13,9 @@ from baselines.ewc import EWC, ewc_penalty, fisher_diagonal
 from baselines.lwf import distillation_loss, lwf_loss
 from baselines.moelora import MoELoRA, MoELoRALinear
 from baselines.olora import OLoRA, orthogonality_loss
-from federated import Disco, FedConfig, client_state, fedavg
+from config.run import METHODS
+from fcit import fedavg
+from federated import Disco, FedConfig, client_state
 from lora import LoRAConfig, LoRALinear, add_lora, gated, lora_modules, split_factor
 from model import answer_loss
 
@@ -263,7 +265,7 @@ def test_every_baseline_is_registered_with_its_name_and_its_config_field():
 
 # ---------------------------------------------------------------------------- equal budget, resuming
 @pytest.mark.parametrize("setting", ["task-hom", "task-het", "cap-hom", "cap-het"])
-@pytest.mark.parametrize("method", train.METHODS)
+@pytest.mark.parametrize("method", METHODS)
 def test_every_method_has_the_same_total_lora_rank(setting, method):
     cfg = train.resolve(train.parse_args(["--preset", "tiny", "--setting", setting, "--method", method]))
     K, R = train.lora_layout(cfg)

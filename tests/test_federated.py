@@ -15,9 +15,10 @@ import fcit
 from data import Example
 from embedded import benchmark
 from embedded.base import BaseConfig, build_processor, build_tiny_llava, build_tokenizer
-from federated import (Disco, FedConfig, Finetune, Harness, add_losses, aggregate, client_state, cosine_lr,
-                       fedavg, local_train, param_groups, round_jobs, sample_clients)
-from lora import LoRAConfig, LoRALinear, add_lora, lora_modules
+from fcit import fedavg
+from federated import (Disco, FedConfig, Finetune, Harness, add_losses, client_state, cosine_lr, local_train,
+                       param_groups, round_jobs, sample_clients)
+from lora import LoRAConfig, LoRALinear, add_lora, factor_keys, lora_modules
 from model import checkpoint_activations, collate, to_device
 
 # C clients, K subspaces, R rank, I d_in, O d_out
@@ -56,6 +57,11 @@ def test_fedavg_is_the_sample_count_weighted_mean():
 
 
 # ---------------------------------------------------------------------------- aggregation per subspace
+def aggregate(glob, states, n, subspaces, *, mode):
+    """fcit.aggregate with the LoRA factors lora.factor_keys finds, as Finetune.aggregate calls it."""
+    return fcit.aggregate(glob, states, n, subspaces, factors=factor_keys(glob), mode=mode)[0]
+
+
 @pytest.mark.parametrize("mode", ["svd", "ab"])
 def test_aggregate_changes_only_the_routed_subspace(mode):
     glob, states = random_state(100), [random_state(i) for i in range(C)]      # clients differ in every subspace
@@ -94,6 +100,15 @@ def test_ab_aggregate_subspace_averages_each_factor():
     for key in ("layer.A", "layer.B"):
         expected = (n[0] * states[0][key][1] + n[1] * states[1][key][1]) / sum(n)
         torch.testing.assert_close(new[key][1], expected, rtol=0, atol=1e-6)
+
+
+def test_aggregate_returns_the_energy_svd_drops_and_ab_drops_none():
+    glob, states, n = random_state(100), [random_state(i) for i in range(C)], [5, 3, 2]   # 3 rank-R updates > rank R
+    _, dropped = fcit.aggregate(glob, states, n, [1, 1, 1], factors=factor_keys(glob), mode="svd")
+    *_, expected = fcit.svd_aggregate([s["layer.A"][1] for s in states], [s["layer.B"][1] for s in states],
+                                      torch.tensor(n, dtype=torch.float64), rank=R)
+    assert dropped > 0 and dropped == pytest.approx(expected)
+    assert fcit.aggregate(glob, states, n, [1, 1, 1], factors=factor_keys(glob), mode="ab")[1] == 0.0
 
 
 def test_projector_is_fedavged_over_all_clients_whatever_their_subspace():

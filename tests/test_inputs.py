@@ -1,6 +1,6 @@
-"""Every bad input named before work starts: numeric flags out of range (train.validate), missing and unreadable
-images listed at once with their JSON record (data.check_images), and incomplete or truncated model folders
-(model.require_folder). Each test asserts the message names the flag, the file or the record.
+"""Every bad input named before work starts: numeric flags out of range (config/run.py, validate), missing and
+unreadable images listed at once with their JSON record (data.check_images), and incomplete or truncated model
+folders (model.require_folder). Each test asserts the message names the flag, the file or the record.
 Run: python -m pytest -q tests/test_inputs.py"""
 import json
 import math
@@ -15,8 +15,10 @@ from transformers import CLIPTextConfig, CLIPTextModel
 import data
 import model as M
 import train
+from config.run import validate
 from embedded import benchmark, pretraining
 from embedded.base import BaseConfig, build_processor, build_tiny_llava, build_tokenizer
+from release.partitions import load_release
 from release_fixture import write_release_fixture
 
 
@@ -60,7 +62,7 @@ def test_a_preset_projector_lr_is_checked_too():
     cfg = train.resolve(train.parse_args(["--preset", "paper"]))
     cfg.fed.projector_lr = math.nan
     with pytest.raises(ValueError, match=r"projector_lr \(--preset paper\) must be a finite number > 0"):
-        train.validate(cfg)
+        validate(cfg)
 
 
 def test_the_paper_preset_trains_the_projector_at_the_lora_rate_as_the_official_trainer_does():
@@ -115,8 +117,8 @@ def test_bad_images_of_any_task_are_listed_at_once_before_training(tmp_path, mon
 def test_many_bad_images_are_counted_and_the_list_is_cut(tmp_path):
     root = tmp_path / "fcit"
     benchmark.write_release(str(root), seed=0, sizes=benchmark.Sizes(train=3, test=2))
-    d, _ = data.load_release(str(root), data.get_setting("cap-hom"), beta=1.0, num_clients=2,
-                             rng=np.random.default_rng(0))
+    d, _ = load_release(str(root), data.get_setting("cap-hom"), beta=1.0, num_clients=2,
+                        rng=np.random.default_rng(0))
     for p in sorted((root / "datasets").rglob("*.png"))[:25]:
         p.unlink()
     with pytest.raises(FileNotFoundError) as e:                       # all missing: a missing-file error
@@ -129,8 +131,8 @@ def test_many_bad_images_are_counted_and_the_list_is_cut(tmp_path):
 def test_a_clean_release_passes_and_shared_images_are_opened_once(tmp_path, monkeypatch):
     root = tmp_path / "fcit"
     benchmark.write_release(str(root), seed=0, sizes=benchmark.Sizes(train=3, test=2))
-    d, _ = data.load_release(str(root), data.get_setting("task-hom"), beta=1.0, num_clients=2,
-                             rng=np.random.default_rng(0))
+    d, _ = load_release(str(root), data.get_setting("task-hom"), beta=1.0, num_clients=2,
+                        rng=np.random.default_rng(0))
     opened = []
     real = data.image_problem
     monkeypatch.setattr(data, "image_problem", lambda p: opened.append(p) or real(p))
@@ -142,8 +144,8 @@ def test_a_clean_release_passes_and_shared_images_are_opened_once(tmp_path, monk
 def test_a_bad_image_of_a_premade_client_names_the_client_file(tmp_path):
     root = tmp_path / "FCIT"
     write_release_fixture(str(root), num_clients=3, per_file=6)
-    d, parts = data.load_release(str(root), data.get_setting("task-hom"), beta=1.0, num_clients=3,
-                                 rng=np.random.default_rng(0))
+    d, parts = load_release(str(root), data.get_setting("task-hom"), beta=1.0, num_clients=3,
+                            rng=np.random.default_rng(0))
     assert parts is not None
     client = root / "partitioned_data/Task-related/seq/1.0/Task8/client_2.json"
     bad = root / "datasets" / json.loads(client.read_text())[1]["image"]

@@ -1,5 +1,5 @@
 """Tests for metrics.py: answer rules, CIDEr-D against a hand-worked corpus, the continual metrics on hand-made
-Hom and Het matrices, the evaluation after a stage, and the heatmap PNG.  Run: python -m pytest tests/test_metrics.py"""
+Hom and Het matrices, the evaluation after a stage, and the heatmap PNG (storage/results.py).  Run: python -m pytest tests/test_metrics.py"""
 import math
 from types import SimpleNamespace
 
@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import metrics as M
+from storage.results import CELL_H, CELL_W, HIGH, LOW, NAN_COLOR, PAD, draw_matrix
 
 # ---- answer rules -----------------------------------------------------------------------------------------
 
@@ -266,7 +267,7 @@ TASKS = ["ImageNet-R", "ArxivQA", "IconQA", "CLEVR-Math", "OCR-VQA", "Flickr30k"
 
 def _draw(path, rows, cols, values=None):
     values = np.full((rows, cols), 50.0) if values is None else values
-    M.draw_matrix(path, values, [f"stage {t}" for t in range(rows)], TASKS[:cols], title="acc")
+    draw_matrix(path, values, [f"stage {t}" for t in range(rows)], TASKS[:cols], title="acc")
     with Image.open(path) as img:
         assert img.format == "PNG"
         return img.convert("RGB")
@@ -275,15 +276,15 @@ def _draw(path, rows, cols, values=None):
 def test_draw_matrix_size_grows_one_cell_per_value(tmp_path):
     big, wide_half, short = _draw(tmp_path / "a.png", 8, 12), _draw(tmp_path / "b.png", 8, 6), \
         _draw(tmp_path / "c.png", 4, 12)
-    assert big.width - wide_half.width == 6 * M.CELL_W
-    assert big.height - short.height == 4 * M.CELL_H
+    assert big.width - wide_half.width == 6 * CELL_W
+    assert big.height - short.height == 4 * CELL_H
     assert big.width > big.height  # 12 columns x 8 rows is landscape
 
 
 def _cell_corner(img, rows, cols, r, c):
     # the grid ends PAD px from the bottom-right corner; sample 3 px inside cell (r, c), away from its text
-    x = img.width - M.PAD - (cols - c) * M.CELL_W + 3
-    y = img.height - M.PAD - (rows - r) * M.CELL_H + 3
+    x = img.width - PAD - (cols - c) * CELL_W + 3
+    y = img.height - PAD - (rows - r) * CELL_H + 3
     return img.getpixel((x, y))
 
 
@@ -292,7 +293,7 @@ def test_draw_matrix_colors_cells_and_blanks_nan(tmp_path):
     v[np.triu_indices(8, 1, 12)] = np.nan  # task j unseen before stage j
     v[7, 0] = 0.0
     img = _draw(tmp_path / "nan.png", 8, 12, v)
-    assert _cell_corner(img, 8, 12, 0, 11) == M.NAN_COLOR
-    assert _cell_corner(img, 8, 12, 7, 0) == tuple(M.LOW)  # 0 -> white
-    assert _cell_corner(img, 8, 12, 7, 7) == tuple(M.HIGH)  # vmax -> full blue
+    assert _cell_corner(img, 8, 12, 0, 11) == NAN_COLOR
+    assert _cell_corner(img, 8, 12, 7, 0) == tuple(LOW)  # 0 -> white
+    assert _cell_corner(img, 8, 12, 7, 7) == tuple(HIGH)  # vmax -> full blue
     _draw(tmp_path / "all_nan.png", 2, 3, np.full((2, 3), np.nan))  # no values at all still draws

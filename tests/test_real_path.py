@@ -13,6 +13,7 @@ import data as D
 import model as M
 import train
 from embedded.base import BaseConfig, build_processor, build_tiny_llava, build_tokenizer
+from release.partitions import load_release
 from release_fixture import CAP_ORDER, TASK_ORDER, write_release_fixture
 
 WORDS = ["question", "answer", "test", "and", "then", "a", "later", "turn", "?"]
@@ -71,8 +72,8 @@ def release_client_ids(root, setting, task, c):
 
 def partition_ids(root, setting, out):
     """partition.json of a run, each client's indices turned into the ids of the training examples they point to."""
-    data, _ = D.load_release(str(root), D.get_setting(setting), beta=1.0, num_clients=CLIENTS,
-                             rng=np.random.default_rng(0))
+    data, _ = load_release(str(root), D.get_setting(setting), beta=1.0, num_clients=CLIENTS,
+                           rng=np.random.default_rng(0))
     parts = json.loads((out / "partition.json").read_text())
     return {task: [[data[task].train[i].id for i in client] for client in clients] for task, clients in parts.items()}
 
@@ -102,8 +103,8 @@ def test_the_release_partition_is_used_not_ours(folders, disco_run):
     first = json.loads((root / "partitioned_data/Task-related/seq/1.0/Task1/client_0.json").read_text())
     assert len(parts["ImageNet-R"][0]) == len(first)
     # the same records, not only as many: ids, image paths and questions of client 0 of the first task
-    data, _ = D.load_release(str(root), D.get_setting("task-hom"), beta=1.0, num_clients=CLIENTS,
-                             rng=np.random.default_rng(0))
+    data, _ = load_release(str(root), D.get_setting("task-hom"), beta=1.0, num_clients=CLIENTS,
+                           rng=np.random.default_rng(0))
     held = [data["ImageNet-R"].train[i] for i in parts["ImageNet-R"][0]]
     assert [(e.id, e.image, e.question) for e in held] == \
            [(r["id"], str(root / "datasets" / r["image"]), r["conversations"][0]["value"]) for r in first]

@@ -1,6 +1,6 @@
-"""Tests for data.py on the official FCIT release layout: file names, record forms, Flickr30k references, pre-made
-client partitions, the missing-file report, and that the embedded benchmark still loads the same way.
-The release is a tiny fixture in the exact official layout (tests/release_fixture.py). Run:
+"""Tests for data.py and release/partitions.py on the official FCIT release layout: file names, record forms,
+Flickr30k references, pre-made client partitions, the missing-file report, and that the embedded benchmark still
+loads the same way. The release is a tiny fixture in the exact official layout (tests/release_fixture.py). Run:
 python -m pytest -q tests/test_release.py"""
 import json
 import os
@@ -13,13 +13,14 @@ import pytest
 import data
 import release_fixture as rf
 from embedded import benchmark
+from release.partitions import load_release, release_setting
 
 CLIENTS, PER_FILE = 3, 4
 
 
 def load(root, name="task-hom", *, beta=1.0, clients=CLIENTS, **limits):
-    return data.load_release(str(root), data.SETTINGS[name], beta=beta, num_clients=clients,
-                             rng=np.random.default_rng(0), **limits)
+    return load_release(str(root), data.SETTINGS[name], beta=beta, num_clients=clients,
+                        rng=np.random.default_rng(0), **limits)
 
 
 @pytest.fixture(scope="module")
@@ -152,8 +153,8 @@ def test_cap_folders_are_mapped_by_content_whatever_their_order(tmp_path, order)
 def test_the_stage_order_is_the_release_folders_and_the_het_table_indexes_it(tmp_path):
     official = ["General", "Other", "Math", "Chart"]                   # the order the official cap-hom eval implies
     rf.write_release_fixture(tmp_path, num_clients=CLIENTS, per_file=PER_FILE, cap_order=official)
-    hom = data.release_setting(str(tmp_path), data.SETTINGS["cap-hom"], beta=1.0)
-    het = data.release_setting(str(tmp_path), data.SETTINGS["cap-het"], beta=1.0)
+    hom = release_setting(str(tmp_path), data.SETTINGS["cap-hom"], beta=1.0)
+    het = release_setting(str(tmp_path), data.SETTINGS["cap-het"], beta=1.0)
     assert hom.tasks == het.tasks == official and [hom.stage_tasks(t) for t in range(4)] == [[g] for g in official]
     assert het.client_tasks == data.HET_CAP                             # the rows of task indices are kept
     default = data.SETTINGS["cap-het"]
@@ -163,15 +164,15 @@ def test_the_stage_order_is_the_release_folders_and_the_het_table_indexes_it(tmp
         swap = {"Chart": "Other", "Other": "Chart"}
         assert names(het, t) == sorted(swap.get(g, g) for g in names(default, t))
     # and the data of each group is the same, only the order of the stages moved
-    got, parts = data.load_release(str(tmp_path), hom, beta=1.0, num_clients=CLIENTS, rng=np.random.default_rng(0))
+    got, parts = load_release(str(tmp_path), hom, beta=1.0, num_clients=CLIENTS, rng=np.random.default_rng(0))
     assert list(got) == list(parts) == official
 
 
 def test_without_a_partition_the_setting_keeps_its_order(tmp_path):
     rf.write_release_fixture(tmp_path, num_clients=CLIENTS, per_file=PER_FILE, partitions=False)
-    assert data.release_setting(str(tmp_path), data.SETTINGS["cap-het"], beta=1.0) is data.SETTINGS["cap-het"]
+    assert release_setting(str(tmp_path), data.SETTINGS["cap-het"], beta=1.0) is data.SETTINGS["cap-het"]
     rf.write_release_fixture(tmp_path / "b", num_clients=CLIENTS, per_file=PER_FILE)
-    assert data.release_setting(str(tmp_path / "b"), data.SETTINGS["cap-hom"], beta=0.5) is data.SETTINGS["cap-hom"]
+    assert release_setting(str(tmp_path / "b"), data.SETTINGS["cap-hom"], beta=0.5) is data.SETTINGS["cap-hom"]
 
 
 def test_unidentifiable_cap_folder_raises_naming_it(fresh):

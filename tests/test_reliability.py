@@ -4,7 +4,6 @@ and touches nothing; a finished run is kept as it is; a diverged client is dropp
 diverges stops cleanly; a full disk names the file and the checkpoint that is intact.
 Run: python -m pytest -q tests/test_reliability.py"""
 import errno
-import json
 import os
 import shutil
 

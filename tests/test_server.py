@@ -11,12 +11,11 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 import fcit
-import federated
 import train
 from baselines import server
 from baselines.server import SERVERS, STATEFUL, ServerConfig, ServerOptimizer, proximal_loss, step, subspace_mask
 from federated import Disco, FedConfig, Finetune
-from lora import LoRALinear
+from lora import LoRALinear, factor_keys
 
 X = {"w": torch.tensor([1.0, -2.0])}
 AGG = {"w": torch.tensor([1.5, -2.2])}  # Delta = [0.5, -0.2]
@@ -170,7 +169,7 @@ def test_plain_fedavg_gets_the_method_itself_with_no_server_step():
     assert type(strategy) is Disco and not isinstance(strategy, ServerOptimizer)
     x, clients = lora_state(0), [lora_state(1), lora_state(2)]
     new = strategy.aggregate(x, clients, [3, 1], [2, 2])
-    expected = federated.aggregate(x, clients, [3, 1], [2, 2], mode="svd")
+    expected, _ = fcit.aggregate(x, clients, [3, 1], [2, 2], factors=factor_keys(x), mode="svd")
     assert new.keys() == expected.keys() and all(torch.equal(new[k], expected[k]) for k in new)
 
 
@@ -195,7 +194,7 @@ def test_fedadam_from_make_strategy_leaves_untrained_subspaces_exactly_unchanged
         assert torch.equal(strategy.state()[f"server.m.{key}"][1], m1[f"server.m.{key}"][1])
         assert not torch.equal(x1[key][1], x0[key][1]) and not torch.equal(x2[key][3], x1[key][3])
     # where it steps, it is the server's step along the aggregate's change, not the aggregate itself
-    plain = federated.aggregate(x1, [lora_state(3)], [2], [3], mode="ab")
+    plain, _ = fcit.aggregate(x1, [lora_state(3)], [2], [3], factors=factor_keys(x1), mode="ab")
     delta = plain[f"{LAYER}.A"][3] - x1[f"{LAYER}.A"][3]
     assert torch.equal(torch.sign(x2[f"{LAYER}.A"][3] - x1[f"{LAYER}.A"][3]), torch.sign(delta))
     assert not torch.allclose(x2[f"{LAYER}.A"][3], plain[f"{LAYER}.A"][3])

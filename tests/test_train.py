@@ -18,13 +18,15 @@ import metrics
 import train
 from baselines.ewc import EWCConfig
 from baselines.server import ServerConfig
+from config.run import METHODS, PRESETS
 from embedded.base import BaseConfig
 from federated import FedConfig
 from lora import LoRALinear
 from storage.checkpoint import CHECKPOINT
+from storage.results import CELL_H, CELL_W, PAD, draw_matrix
 
 SETTINGS = ["task-hom", "task-het", "cap-hom", "cap-het"]
-PRESET = train.PRESETS["tiny"]
+PRESET = PRESETS["tiny"]
 ONE_STAGE = ("zeroshot", "mtl")                                  # evaluated once, on every task
 # task-hom's runs take 2 rounds a stage: they are also the uninterrupted runs the resume tests compare with
 # (test_baselines.py, and --server fedadam in test_server.py), and a crash can then fall mid-stage
@@ -36,17 +38,17 @@ def flags(setting, method):
 
 
 def grid(path, rows, cols):
-    """The cells of a heatmap that metrics.draw_matrix drew: the block at its bottom right (labels and title are
+    """The cells of a heatmap that storage.results.draw_matrix drew: the block at its bottom right (labels and title are
     above and to the left of it)."""
     with Image.open(path) as img:
         W, H = img.size
-        P, w, h = metrics.PAD, metrics.CELL_W, metrics.CELL_H
+        P, w, h = PAD, CELL_W, CELL_H
         return np.asarray(img.convert("RGB").crop((W - P - cols * w, H - P - rows * h, W - P, H - P)))
 
 
 # ---------------------------------------------------------------------------- every setting and method
 @pytest.mark.parametrize("setting", SETTINGS)
-@pytest.mark.parametrize("method", train.METHODS)
+@pytest.mark.parametrize("method", METHODS)
 def test_every_setting_and_method_runs(tiny_run, tmp_path, setting, method):
     run = tiny_run(*flags(setting, method))
     on_disk, s = run.results(), train.get_setting(setting)
@@ -61,9 +63,9 @@ def test_every_setting_and_method_runs(tiny_run, tmp_path, setting, method):
     assert [list(a) for a in on_disk["acc"]] == ([s.seen_tasks(t) for t in range(stages)] if continual else [s.tasks])
     assert all(0 <= v <= 100 for row in on_disk["acc"] for v in row.values())
     assert on_disk["last"] == pytest.approx(np.mean(list(on_disk["acc"][-1].values())), abs=0.01)
-    # accuracy.png is the heatmap of this accuracy matrix: its cells are those metrics.draw_matrix draws for it
+    # accuracy.png is the heatmap of this accuracy matrix: its cells are those draw_matrix draws for it
     matrix = metrics.accuracy_matrix(on_disk["acc"], s.tasks)                     # nan where not seen yet
-    metrics.draw_matrix(tmp_path / "expected.png", matrix, [f"stage {t + 1}" for t in range(stages)], s.tasks,
+    draw_matrix(tmp_path / "expected.png", matrix, [f"stage {t + 1}" for t in range(stages)], s.tasks,
                         title="expected")
     assert np.array_equal(grid(run.out / "accuracy.png", stages, len(s.tasks)),
                           grid(tmp_path / "expected.png", stages, len(s.tasks)))
@@ -244,8 +246,8 @@ def test_ewc_under_svd_is_refused_naming_the_flag_and_why():
 
 
 def test_methods_are_the_strategies_table():
-    assert train.METHODS == list(train.STRATEGIES)
-    assert {"disco", "finetune", "mtl", "zeroshot", "ewc", "lwf", "olora", "moelora"} == set(train.METHODS)
+    assert METHODS == list(train.STRATEGIES)
+    assert {"disco", "finetune", "mtl", "zeroshot", "ewc", "lwf", "olora", "moelora"} == set(METHODS)
 
 
 @pytest.mark.parametrize("flags, message", [
