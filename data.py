@@ -10,10 +10,10 @@ A record is a LLaVA conversation {"id", "image", "conversations": [{"from": "hum
 "answer" | "answer_bbox"}.
 Settings: task-related (8 stages, one dataset each) or capability-related (4 stages, datasets grouped by skill),
 Homogeneous (every client of stage t learns stage t's task) or Heterogeneous (a fixed table: the task of the i-th
-client of a round). A *task* is what a stage trains on: a dataset (task-related) or a capability group (capability-related).
-Partition (1.3): per task, client shares w ~ Dir(beta * 1_C), quantity skew only, with a real minimum size; the
-release's pre-made client files (ROOT/partitioned_data/, read by release/partitions.py) replace it when they exist
-for the run's beta.
+client of a round). A *task* is what a stage trains on: a dataset (task-related) or a capability group
+(capability-related). Partition (1.3): per task, client shares w ~ Dir(beta * 1_C), quantity skew only, with a real
+minimum size; the release's pre-made client files (ROOT/partitioned_data/, read by release/partitions.py) replace
+it when they exist for the run's beta.
 
     data = load_setting("/data/FCIT", SETTINGS["cap-hom"], rng=np.random.default_rng(0), train_limit=20,
                         test_limit=20)                                                        # a smoke test

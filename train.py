@@ -35,7 +35,8 @@ from transformers.utils import logging as hf_logging
 import metrics
 from baselines.server import ServerOptimizer
 from config.run import STRATEGIES, RunConfig, lora_layout, parse_args, resolve
-from data import METRIC, check_images, get_setting, partition_lists, partition_setting, read_image, rules, save_partition
+from data import (METRIC, check_images, get_setting, partition_lists, partition_setting, read_image, rules,
+                  save_partition)
 from embedded import benchmark, pretraining
 from embedded.base import BaseConfig, pretrain_base, shipped, weights_sha256
 from federated import Diverged, Harness, Progress, Solo, is_projector, local_train, run_continual, strip_prefix

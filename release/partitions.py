@@ -17,7 +17,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from data import HOW_TO, RELEASE, Setting, TaskData, check_files, head, load_setting, load_tests, parse_records, read_json
+from data import (HOW_TO, RELEASE, Setting, TaskData, check_files, head, load_setting, load_tests, parse_records,
+                  read_json)
 
 
 def partition_dir(root, setting, beta):

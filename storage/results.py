@@ -41,7 +41,8 @@ def write_results(out, cfg, setting, history, report, wall, log, *, inputs, inta
         written.append("activation.png")
     write_json(os.path.join(out, "results.json"), res, intact=intact)
     atomic(os.path.join(out, "accuracy.png"), lambda tmp: draw_matrix(
-        tmp, metrics.accuracy_matrix(history["acc"], setting.tasks), [f"stage {t + 1}" for t in range(len(history["acc"]))],
+        tmp, metrics.accuracy_matrix(history["acc"], setting.tasks),
+        [f"stage {t + 1}" for t in range(len(history["acc"]))],
         setting.tasks, title=f"{cfg.method} on {cfg.setting}, beta {cfg.beta}, seed {cfg.seed}"), intact=intact)
     print_matrix(history["acc"], setting.tasks, log)
     log(f"Last {summary['last']:.2f}  Avg {summary['avg']:.2f}  mean forgetting {summary['mean_forgetting']:.2f}"
