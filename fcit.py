@@ -318,7 +318,8 @@ class DiscoStrategy:
     """DISCO's answers to the strategy protocol of federated.py's loop, mixed into its plain strategy there
     (`class Disco(fcit.DiscoStrategy, Finetune)`): the LoRA layout (K_max subspaces), DKO routing each client to a
     subspace by its identity token before it trains (route_clients), SSA gating the subspaces per test question
-    (activation_weights), and what DISCO reports and checkpoints. Aggregation stays inside a subspace (the loop's).
+    (activation_weights), and what DISCO reports and checkpoints. Aggregation inside each subspace is Finetune's
+    (aggregate above).
     From its host it reads self.harness.encode_text / encode_images (the frozen encoders of identity tokens),
     self.hp (DiscoConfig), self.log, self.detail and self.num_subspaces()."""
     name = "disco"

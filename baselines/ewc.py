@@ -65,7 +65,7 @@ def ewc_penalty(fisher: dict[str, Tensor], anchor: dict[str, Tensor], *, lam: fl
 
 class EWC(Finetune):
     name = "ewc"
-    factor_state = "its anchor and Fisher"  # per coordinate of A and B: needs --aggregate ab (config/run.py, factor_state)
+    factor_state = "its anchor and Fisher"  # per coordinate of A and B: needs --aggregate ab (config/run.py)
 
     def __init__(self, model, harness, cfg, *, hp: EWCConfig | None = None, **kw):
         super().__init__(model, harness, cfg, hp=hp or EWCConfig(), **kw)

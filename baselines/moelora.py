@@ -62,10 +62,9 @@ class MoELoRA(Finetune):
         return None
 
     def aggregate(self, global_state, states, weights, subspaces):
-        new = global_state
+        new, factors = global_state, factor_keys(global_state)
         for k in range(self.num_subspaces()):
-            new, _ = fcit.aggregate(new, states, weights, [k] * len(states), factors=factor_keys(new),
-                                    mode=self.cfg.aggregate)
+            new, _ = fcit.aggregate(new, states, weights, [k] * len(states), factors=factors, mode=self.cfg.aggregate)
         return new
 
     def trained_subspaces(self, subspaces):

@@ -1,5 +1,6 @@
 """Tests for metrics.py: answer rules, CIDEr-D against a hand-worked corpus, the continual metrics on hand-made
-Hom and Het matrices, the evaluation after a stage, and the heatmap PNG (storage/results.py).  Run: python -m pytest tests/test_metrics.py"""
+Hom and Het matrices, the evaluation after a stage, and the heatmap PNG (storage/results.py).
+Run: python -m pytest tests/test_metrics.py"""
 import math
 from types import SimpleNamespace
 
